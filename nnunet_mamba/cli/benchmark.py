@@ -1,0 +1,173 @@
+"""``nnunet-mamba benchmark``: training-step time, peak memory and parameters on the current device.
+
+One training step = nnU-Net's: forward under autocast (fp16 on CUDA), Dice+CE with deep supervision, backward
+through a GradScaler, SGD step. Networks are built from a plan preset (the reference plans of the original
+papers) or from a real nnU-Net plans file, with nnU-Net's PlainConvUNet available as the baseline.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import pydoc
+import time
+from typing import Dict, List
+
+import torch
+from torch import nn
+
+from ..networks import create_network, get_network_spec, list_networks
+from ..ops import resolve_backend
+
+BASELINES = {"plainconvunet": "dynamic_network_architectures.architectures.unet.PlainConvUNet"}
+
+
+def _stages(dim: int, n_stages: int, features: List[int]) -> dict:
+    conv = "Conv3d" if dim == 3 else "Conv2d"
+    return {"n_stages": n_stages, "features_per_stage": features, "conv_op": getattr(nn, conv),
+            "kernel_sizes": [[3] * dim] * n_stages, "strides": [[1] * dim] + [[2] * dim] * (n_stages - 1),
+            "n_conv_per_stage": [2] * n_stages, "n_conv_per_stage_decoder": [2] * (n_stages - 1), "conv_bias": True,
+            "norm_op": getattr(nn, f"InstanceNorm{dim}d"), "norm_op_kwargs": {"eps": 1e-5, "affine": True},
+            "dropout_op": None, "dropout_op_kwargs": None, "nonlin": nn.LeakyReLU, "nonlin_kwargs": {"inplace": True}}
+
+
+# The plans of the reference measurements (a 2D plan for 320x320 and a 3D plan for 128^3).
+PRESETS: Dict[str, dict] = {
+    "2d_320": {"patch_size": [320, 320], "batch_size": 12, "arch": _stages(2, 7, [32, 64, 128, 256, 512, 512, 512])},
+    "3d_128": {"patch_size": [128, 128, 128], "batch_size": 2, "arch": _stages(3, 6, [32, 64, 128, 256, 320, 320])},
+}
+
+
+def plan_from_file(plans_file: str, configuration: str) -> dict:
+    """A benchmark plan from an nnU-Net plans.json configuration."""
+    with open(plans_file) as f:
+        plans = json.load(f)
+    try:
+        config = plans["configurations"][configuration]
+    except KeyError:
+        raise SystemExit(f"configuration {configuration!r} not in {plans_file}: "
+                         f"{', '.join(plans['configurations'])}") from None
+    arch = dict(config["architecture"]["arch_kwargs"])
+    for key in config["architecture"]["_kw_requires_import"]:
+        if arch.get(key) is not None:
+            arch[key] = pydoc.locate(arch[key])
+    if "n_blocks_per_stage" in arch:
+        arch["n_conv_per_stage"] = arch.pop("n_blocks_per_stage")
+    return {"patch_size": config["patch_size"], "batch_size": config["batch_size"], "arch": arch}
+
+
+def build(name: str, plan: dict, in_channels: int, classes: int) -> nn.Module:
+    arch = dict(plan["arch"])
+    if name in BASELINES:
+        return pydoc.locate(BASELINES[name])(input_channels=in_channels, num_classes=classes, deep_supervision=True,
+                                             **arch)
+    if get_network_spec(name).needs_input_size:
+        arch["input_size"] = plan["patch_size"]
+    return create_network(name, input_channels=in_channels, num_classes=classes, deep_supervision=True, **arch)
+
+
+def _loss(num_outputs: int):
+    from nnunetv2.training.loss.compound_losses import DC_and_CE_loss
+    from nnunetv2.training.loss.deep_supervision import DeepSupervisionWrapper
+    from nnunetv2.training.loss.dice import MemoryEfficientSoftDiceLoss
+
+    weights = torch.tensor([1 / (2 ** i) for i in range(num_outputs)])
+    weights[-1] = 0 if num_outputs > 1 else weights[-1]
+    weights = weights / weights.sum()
+    loss = DC_and_CE_loss({"batch_dice": True, "smooth": 1e-5, "do_bg": False, "ddp": False}, {}, weight_ce=1,
+                          weight_dice=1, ignore_label=None, dice_class=MemoryEfficientSoftDiceLoss)
+    return DeepSupervisionWrapper(loss, weights.tolist())
+
+
+def measure(name: str, plan: dict, batch: int, classes: int, device: torch.device, steps: int, warmup: int,
+            compile_network: bool) -> dict:
+    torch.manual_seed(0)
+    network = build(name, plan, 1, classes).to(device)
+    params = sum(p.numel() for p in network.parameters())
+    model = torch.compile(network) if compile_network else network
+    optimizer = torch.optim.SGD(network.parameters(), lr=1e-2, momentum=0.99, nesterov=True)
+    use_amp = device.type == "cuda"
+    scaler = torch.amp.GradScaler("cuda") if use_amp else None
+    x = torch.randn(batch, 1, *plan["patch_size"], device=device)
+    with torch.no_grad():
+        shapes = [o.shape[2:] for o in network(x[:1])]
+    targets = [torch.randint(0, classes, (batch, 1, *s), device=device).float() for s in shapes]
+    loss_fn = _loss(len(shapes))
+
+    def step():
+        optimizer.zero_grad(set_to_none=True)
+        with torch.autocast(device.type, dtype=torch.float16, enabled=use_amp):
+            loss = loss_fn(model(x), targets)
+        if scaler is not None:
+            scaler.scale(loss).backward()
+            scaler.unscale_(optimizer)
+            torch.nn.utils.clip_grad_norm_(network.parameters(), 12)
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(network.parameters(), 12)
+            optimizer.step()
+
+    for _ in range(warmup):
+        step()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    start = time.perf_counter()
+    for _ in range(steps):
+        step()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    elapsed = (time.perf_counter() - start) / steps
+    peak = torch.cuda.max_memory_allocated() / 2 ** 30 if device.type == "cuda" else float("nan")
+    backend = "-" if name in BASELINES else resolve_backend(device)
+    del network, model, optimizer
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return {"network": name, "params": params, "step_ms": elapsed * 1000, "peak_gib": peak, "backend": backend,
+            "batch": batch, "patch": list(plan["patch_size"])}
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("benchmark", help="training-step time, peak memory and parameters of networks")
+    p.add_argument("networks", nargs="*", default=["plainconvunet", "umamba_bot", "umamba_enc"],
+                   help=f"names from `nnunet-mamba list` or baselines {sorted(BASELINES)} (default: %(default)s)")
+    p.add_argument("--preset", choices=sorted(PRESETS), default="2d_320", help="plan preset (default: %(default)s)")
+    p.add_argument("--plans", help="an nnU-Net plans.json to take the plan from instead of a preset")
+    p.add_argument("-c", "--configuration", default="2d", help="configuration in --plans (default: %(default)s)")
+    p.add_argument("--batch", type=int, help="batch size (default: the plan's)")
+    p.add_argument("--patch", type=int, nargs="+", help="patch size override")
+    p.add_argument("--classes", type=int, default=14, help="output classes (default: %(default)s)")
+    p.add_argument("--steps", type=int, default=10, help="timed steps (default: %(default)s)")
+    p.add_argument("--warmup", type=int, default=3, help="untimed steps first (default: %(default)s)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--compile", action="store_true", help="torch.compile each network")
+    p.add_argument("--json", help="also write the results to this file")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    plan = plan_from_file(args.plans, args.configuration) if args.plans else dict(PRESETS[args.preset])
+    if args.patch:
+        plan["patch_size"] = args.patch
+    batch = args.batch or plan["batch_size"]
+    unknown = [n for n in args.networks if n not in BASELINES and n not in list_networks()]
+    if unknown:
+        raise SystemExit(f"unknown network(s) {unknown}; see `nnunet-mamba list`")
+    device = torch.device(args.device)
+    where = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
+    print(f"device: {where} | plan: patch {plan['patch_size']}, batch {batch}, {args.classes} classes | "
+          f"{'fp16 autocast' if device.type == 'cuda' else 'fp32'}{', compiled' if args.compile else ''}")
+    rows = []
+    for name in args.networks:
+        rows.append(measure(name, plan, batch, args.classes, device, args.steps, args.warmup, args.compile))
+    base = next((r for r in rows if r["network"] in BASELINES), None)
+    print(f"{'network':<16}{'params':>14}{'step ms':>10}{'peak GiB':>10}{'x baseline':>12}  backend")
+    for r in rows:
+        ratio = f"{r['step_ms'] / base['step_ms']:.2f}" if base else "-"
+        print(f"{r['network']:<16}{r['params']:>14,}{r['step_ms']:>10.1f}{r['peak_gib']:>10.2f}{ratio:>12}  "
+              f"{r['backend']}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"device": where, "rows": rows}, f, indent=2)
+    return 0

@@ -1,0 +1,101 @@
+"""The Mamba (S6) layer, state-dict compatible with ``mamba_ssm.modules.mamba_simple.Mamba``.
+
+Parameter names, shapes and initialisation are mamba-ssm's (in_proj, conv1d, x_proj, dt_proj, A_log, D,
+out_proj), so checkpoints move between the two unchanged. On CUDA with mamba-ssm and causal-conv1d installed the
+fused ``mamba_inner_fn`` runs; otherwise the layer runs its convolution in PyTorch and the scan through
+:func:`nnunet_mamba.ops.selective_scan`, which picks mamba-ssm's kernel or our pure-PyTorch scan.
+"""
+from __future__ import annotations
+
+import math
+from functools import lru_cache
+from typing import Optional, Union
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..ops import resolve_backend, selective_scan
+
+
+@lru_cache(maxsize=None)
+def _fused_mamba_inner():
+    """mamba-ssm's fused layer function when both mamba-ssm and causal-conv1d import, else None."""
+    try:
+        import causal_conv1d  # noqa: F401  (mamba_inner_fn needs its kernels)
+        from mamba_ssm.ops.selective_scan_interface import mamba_inner_fn
+    except Exception:
+        return None
+    return mamba_inner_fn
+
+
+class Mamba(nn.Module):
+    """Selective state-space layer on sequences of shape (batch, L, d_model)."""
+
+    def __init__(self, d_model: int, d_state: int = 16, d_conv: int = 4, expand: int = 2,
+                 dt_rank: Union[int, str] = "auto", dt_min: float = 0.001, dt_max: float = 0.1,
+                 dt_init: str = "random", dt_scale: float = 1.0, dt_init_floor: float = 1e-4,
+                 conv_bias: bool = True, bias: bool = False, use_fast_path: bool = True,
+                 device=None, dtype=None) -> None:
+        super().__init__()
+        factory = {"device": device, "dtype": dtype}
+        self.d_model = d_model
+        self.d_state = d_state
+        self.d_conv = d_conv
+        self.expand = expand
+        self.d_inner = int(expand * d_model)
+        self.dt_rank = math.ceil(d_model / 16) if dt_rank == "auto" else int(dt_rank)
+        self.use_fast_path = use_fast_path
+
+        self.in_proj = nn.Linear(d_model, self.d_inner * 2, bias=bias, **factory)
+        self.conv1d = nn.Conv1d(self.d_inner, self.d_inner, kernel_size=d_conv, groups=self.d_inner,
+                                padding=d_conv - 1, bias=conv_bias, **factory)
+        self.x_proj = nn.Linear(self.d_inner, self.dt_rank + 2 * d_state, bias=False, **factory)
+        self.dt_proj = nn.Linear(self.dt_rank, self.d_inner, bias=True, **factory)
+
+        # dt_proj: weights keep the variance of dt at initialisation; bias is softplus^-1 of dt ~ logU[dt_min, dt_max]
+        std = self.dt_rank ** -0.5 * dt_scale
+        if dt_init == "constant":
+            nn.init.constant_(self.dt_proj.weight, std)
+        elif dt_init == "random":
+            nn.init.uniform_(self.dt_proj.weight, -std, std)
+        else:
+            raise ValueError(f"dt_init must be 'random' or 'constant', got {dt_init!r}")
+        dt = torch.exp(torch.rand(self.d_inner, **factory) * (math.log(dt_max) - math.log(dt_min))
+                       + math.log(dt_min)).clamp(min=dt_init_floor)
+        with torch.no_grad():
+            self.dt_proj.bias.copy_(dt + torch.log(-torch.expm1(-dt)))
+        self.dt_proj.bias._no_reinit = True
+
+        # S4D-real initialisation: A = -(1..N) for every channel, stored as log
+        A = torch.arange(1, d_state + 1, dtype=torch.float32, device=device).repeat(self.d_inner, 1)
+        self.A_log = nn.Parameter(torch.log(A))
+        self.A_log._no_weight_decay = True
+        self.D = nn.Parameter(torch.ones(self.d_inner, device=device))
+        self.D._no_weight_decay = True
+
+        self.out_proj = nn.Linear(self.d_inner, d_model, bias=bias, **factory)
+
+    def _use_fused(self, x: torch.Tensor) -> bool:
+        return (self.use_fast_path and x.is_cuda and _fused_mamba_inner() is not None
+                and resolve_backend(x.device) == "cuda")
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        if hidden_states.dim() != 3 or hidden_states.shape[-1] != self.d_model:
+            raise ValueError(f"Mamba expects (batch, L, d_model={self.d_model}), got {tuple(hidden_states.shape)}")
+        length = hidden_states.shape[1]
+        xz = self.in_proj(hidden_states).transpose(1, 2)  # (batch, 2 * d_inner, L)
+        A = -torch.exp(self.A_log.float())
+        if self._use_fused(xz):
+            return _fused_mamba_inner()(
+                xz, self.conv1d.weight, self.conv1d.bias, self.x_proj.weight, self.dt_proj.weight,
+                self.out_proj.weight, self.out_proj.bias, A, None, None, self.D.float(),
+                delta_bias=self.dt_proj.bias.float(), delta_softplus=True)
+        x, z = xz.chunk(2, dim=1)
+        x = F.silu(self.conv1d(x)[..., :length])
+        x_dbl = self.x_proj(x.transpose(1, 2))  # (batch, L, dt_rank + 2 N)
+        dt, B, C = torch.split(x_dbl, [self.dt_rank, self.d_state, self.d_state], dim=-1)
+        dt = F.linear(dt, self.dt_proj.weight).transpose(1, 2)  # bias goes into the scan as delta_bias
+        y = selective_scan(x, dt, A, B.transpose(1, 2), C.transpose(1, 2), self.D.float(), z=z,
+                           delta_bias=self.dt_proj.bias.float(), delta_softplus=True)
+        return self.out_proj(y.transpose(1, 2))

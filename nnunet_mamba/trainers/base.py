@@ -1,0 +1,87 @@
+"""Thin nnU-Net trainer subclasses: they only say which registered network to build from the plans."""
+from __future__ import annotations
+
+import inspect
+import os
+import pydoc
+
+import torch
+from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+from nnunetv2.utilities.plans_handling.plans_handler import ConfigurationManager, PlansManager
+from torch import nn
+
+from ..networks import create_network, get_network_spec
+from ..ops import requested_backend, resolve_backend
+
+# nnU-Net's ResEnc presets call the per-stage block count n_blocks_per_stage; our networks use n_conv_per_stage.
+_KWARG_ALIASES = {"n_blocks_per_stage": "n_conv_per_stage"}
+
+
+def plans_network_kwargs(network_name: str, configuration_manager: ConfigurationManager) -> dict:
+    """The plans' architecture kwargs for ``network_name``: classes resolved, aliases mapped, patch size added."""
+    spec = get_network_spec(network_name)
+    kwargs = dict(configuration_manager.network_arch_init_kwargs)
+    for key in configuration_manager.network_arch_init_kwargs_req_import:
+        if kwargs.get(key) is not None and isinstance(kwargs[key], str):
+            located = pydoc.locate(kwargs[key])
+            if located is None:
+                raise ValueError(f"plans field architecture.arch_kwargs.{key}={kwargs[key]!r} cannot be imported")
+            kwargs[key] = located
+    for old, new in _KWARG_ALIASES.items():
+        if old in kwargs:
+            kwargs.setdefault(new, kwargs.pop(old))
+    accepted = inspect.signature(spec.builder).parameters
+    if not any(p.kind is p.VAR_KEYWORD for p in accepted.values()):
+        kwargs = {k: v for k, v in kwargs.items() if k in accepted}
+    if spec.needs_input_size:
+        kwargs["input_size"] = tuple(configuration_manager.patch_size)
+    return kwargs
+
+
+class nnUNetTrainerMamba(nnUNetTrainer):
+    """Base class of our trainers; subclasses set ``network_name`` (a name in :func:`nnunet_mamba.list_networks`)."""
+
+    network_name: str = ""
+
+    @classmethod
+    def build_network_architecture(cls, plans_manager: PlansManager, configuration_manager: ConfigurationManager,
+                                   num_input_channels: int, num_output_channels: int,
+                                   enable_deep_supervision: bool = True) -> nn.Module:
+        spec = get_network_spec(cls.network_name)
+        dim = len(configuration_manager.patch_size)
+        if dim not in spec.dims:
+            raise ValueError(f"{cls.__name__} builds {spec.name}, which supports {' and '.join(f'{d}D' for d in spec.dims)} "
+                             f"configurations only; this configuration has a {dim}D patch size "
+                             f"{list(configuration_manager.patch_size)}")
+        kwargs = plans_network_kwargs(cls.network_name, configuration_manager)
+        return create_network(cls.network_name, input_channels=num_input_channels, num_classes=num_output_channels,
+                              deep_supervision=enable_deep_supervision, **kwargs)
+
+    def initialize(self) -> None:
+        super().initialize()
+        backend = requested_backend()
+        resolved = resolve_backend(self.device, None if backend == "auto" else backend)
+        self.print_to_log_file(f"nnunet-mamba: network {self.network_name}, selective-scan backend '{resolved}'")
+
+    def _do_i_compile(self) -> bool:
+        # The selective scan is an opaque autograd.Function (mamba-ssm's extension, or our chunked scan), so
+        # torch.compile graph-breaks around every Mamba layer and pays long compile times for little gain.
+        # Compile only when asked for explicitly with nnUNet_compile=1.
+        if os.environ.get("nnUNet_compile", "").lower() in ("true", "1", "t"):
+            return super()._do_i_compile()
+        return False
+
+
+class ShortRunMixin:
+    """Few, short epochs: for smoke tests and ``nnunet-mamba demo``, never for real training."""
+
+    short_epochs = 2
+    short_iterations = 4
+    short_val_iterations = 2
+
+    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
+                 device: torch.device = torch.device("cuda")):
+        super().__init__(plans, configuration, fold, dataset_json, device)
+        self.num_epochs = self.short_epochs
+        self.num_iterations_per_epoch = self.short_iterations
+        self.num_val_iterations_per_epoch = self.short_val_iterations
