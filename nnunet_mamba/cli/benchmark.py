@@ -15,7 +15,7 @@ from typing import Dict, List
 import torch
 from torch import nn
 
-from ..networks import create_network, get_network_spec, list_networks
+from ..networks import create_network, list_networks, plan_kwargs
 from ..ops import resolve_backend
 
 BASELINES = {"plainconvunet": "dynamic_network_architectures.architectures.unet.PlainConvUNet"}
@@ -34,6 +34,9 @@ def _stages(dim: int, n_stages: int, features: List[int]) -> dict:
 PRESETS: Dict[str, dict] = {
     "2d_320": {"patch_size": [320, 320], "batch_size": 12, "arch": _stages(2, 7, [32, 64, 128, 256, 512, 512, 512])},
     "3d_128": {"patch_size": [128, 128, 128], "batch_size": 2, "arch": _stages(3, 6, [32, 64, 128, 256, 320, 320])},
+    # ViM-UNet's set-up (512x512 images); nnU-Net's default 2D plan for that size has 8 stages
+    "2d_512": {"patch_size": [512, 512], "batch_size": 2,
+               "arch": _stages(2, 8, [32, 64, 128, 256, 512, 512, 512, 512])},
 }
 
 
@@ -50,19 +53,16 @@ def plan_from_file(plans_file: str, configuration: str) -> dict:
     for key in config["architecture"]["_kw_requires_import"]:
         if arch.get(key) is not None:
             arch[key] = pydoc.locate(arch[key])
-    if "n_blocks_per_stage" in arch:
-        arch["n_conv_per_stage"] = arch.pop("n_blocks_per_stage")
     return {"patch_size": config["patch_size"], "batch_size": config["batch_size"], "arch": arch}
 
 
 def build(name: str, plan: dict, in_channels: int, classes: int) -> nn.Module:
-    arch = dict(plan["arch"])
     if name in BASELINES:
+        arch = {k: v for k, v in plan["arch"].items() if k != "n_blocks_per_stage"}
         return pydoc.locate(BASELINES[name])(input_channels=in_channels, num_classes=classes, deep_supervision=True,
                                              **arch)
-    if get_network_spec(name).needs_input_size:
-        arch["input_size"] = plan["patch_size"]
-    return create_network(name, input_channels=in_channels, num_classes=classes, deep_supervision=True, **arch)
+    return create_network(name, input_channels=in_channels, num_classes=classes, deep_supervision=True,
+                          **plan_kwargs(name, plan["arch"], plan["patch_size"]))
 
 
 def _loss(num_outputs: int):
@@ -120,12 +120,50 @@ def measure(name: str, plan: dict, batch: int, classes: int, device: torch.devic
         torch.cuda.synchronize()
     elapsed = (time.perf_counter() - start) / steps
     peak = torch.cuda.max_memory_allocated() / 2 ** 30 if device.type == "cuda" else float("nan")
+    infer_ms = _inference_ms(network, x[:1], use_amp, steps)
+    gflops = _forward_gflops(network, x[:1])
     backend = "-" if name in BASELINES else resolve_backend(device)
     del network, model, optimizer
     if device.type == "cuda":
         torch.cuda.empty_cache()
-    return {"network": name, "params": params, "step_ms": elapsed * 1000, "peak_gib": peak, "backend": backend,
-            "batch": batch, "patch": list(plan["patch_size"])}
+    return {"network": name, "params": params, "step_ms": elapsed * 1000, "peak_gib": peak, "infer_ms": infer_ms,
+            "gflops": gflops, "backend": backend, "batch": batch, "patch": list(plan["patch_size"])}
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+@torch.no_grad()
+def _inference_ms(network: nn.Module, image: torch.Tensor, use_amp: bool, repeats: int) -> float:
+    """Forward time for one patch (batch 1, no deep supervision), as nnU-Net's predictor runs it."""
+    network.eval()
+    network.decoder.deep_supervision = False
+    with torch.autocast(image.device.type, dtype=torch.float16, enabled=use_amp):
+        network(image)
+        _sync(image.device)
+        start = time.perf_counter()
+        for _ in range(repeats):
+            network(image)
+        _sync(image.device)
+    network.decoder.deep_supervision = True
+    network.train()
+    return (time.perf_counter() - start) / repeats * 1000
+
+
+@torch.no_grad()
+def _forward_gflops(network: nn.Module, image: torch.Tensor) -> float:
+    """Forward FLOPs of one patch counted by torch.utils.flop_counter (matmuls and convolutions; the selective
+    scan's elementwise recurrence is not counted)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    network.eval()
+    counter = FlopCounterMode(display=False)
+    with counter:
+        network(image)
+    network.train()
+    return counter.get_total_flops() / 1e9
 
 
 def add_parser(sub) -> None:
@@ -162,11 +200,13 @@ def run(args: argparse.Namespace) -> int:
     for name in args.networks:
         rows.append(measure(name, plan, batch, args.classes, device, args.steps, args.warmup, args.compile))
     base = next((r for r in rows if r["network"] in BASELINES), None)
-    print(f"{'network':<16}{'params':>14}{'step ms':>10}{'peak GiB':>10}{'x baseline':>12}  backend")
+    print(f"{'network':<16}{'params':>14}{'GFLOPs/img':>11}{'step ms':>10}{'x base':>8}{'peak GiB':>10}"
+          f"{'x base':>8}{'infer ms':>10}  backend")
     for r in rows:
-        ratio = f"{r['step_ms'] / base['step_ms']:.2f}" if base else "-"
-        print(f"{r['network']:<16}{r['params']:>14,}{r['step_ms']:>10.1f}{r['peak_gib']:>10.2f}{ratio:>12}  "
-              f"{r['backend']}")
+        time_ratio = f"{r['step_ms'] / base['step_ms']:.2f}" if base else "-"
+        memory_ratio = f"{r['peak_gib'] / base['peak_gib']:.2f}" if base and device.type == "cuda" else "-"
+        print(f"{r['network']:<16}{r['params']:>14,}{r['gflops']:>11.1f}{r['step_ms']:>10.1f}{time_ratio:>8}"
+              f"{r['peak_gib']:>10.2f}{memory_ratio:>8}{r['infer_ms']:>10.1f}  {r['backend']}")
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"device": where, "rows": rows}, f, indent=2)

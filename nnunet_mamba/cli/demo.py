@@ -53,6 +53,9 @@ def run(args: argparse.Namespace) -> int:
     env["nnUNet_extTrainer"] = ext_trainer_value(env.get("nnUNet_extTrainer", ""))
     # nnU-Net's planner needs >= 1 here; 0 (in-process augmentation) is fastest for a tiny CPU run
     env.setdefault("nnUNet_n_proc_DA", "1")
+    # nnU-Net spawns this many worker processes for fingerprinting, validation and export; each one re-imports
+    # torch, which costs more than it saves on images this small
+    env.setdefault("nnUNet_def_n_proc", "1")
     train_env = {} if "nnUNet_n_proc_DA" in os.environ or device != "cpu" else {"nnUNet_n_proc_DA": "0"}
     env.setdefault("PYTHONUNBUFFERED", "1")
     raw = make_dataset(env["nnUNet_raw"], DEMO_DATASET_ID, (args.size, args.size), n_train=args.cases, n_test=3)
@@ -62,7 +65,8 @@ def run(args: argparse.Namespace) -> int:
     prediction = os.path.join(work, "predictions")
     steps = [
         ("plan and preprocess", {}, [nnunet_command("nnUNetv2_plan_and_preprocess"), "-d", str(DEMO_DATASET_ID),
-                                 "-c", "2d", "-np", "1", "--verify_dataset_integrity"]),
+                                 "-c", "2d", "-np", "1", "-npfp", "1",
+                                     "--verify_dataset_integrity"]),
         (f"train {args.trainer}", train_env, [nnunet_command("nnUNetv2_train"), str(DEMO_DATASET_ID), "2d", "0",
                                    "-tr", args.trainer, "-device", device]),
         ("predict", {}, [nnunet_command("nnUNetv2_predict"), "-i", os.path.join(raw, "imagesTs"), "-o", prediction,

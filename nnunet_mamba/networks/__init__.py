@@ -1,6 +1,8 @@
 """Segmentation networks: pure PyTorch, importable without nnU-Net."""
-from .registry import NetworkSpec, create_network, get_network_spec, list_networks, register_network
+from .registry import NetworkSpec, create_network, get_network_spec, list_networks, plan_kwargs, register_network
+from .swin_umamba import SwinUMamba, SwinUMambaD, load_vmamba_encoder
 from .umamba import UMamba, UMambaBot, UMambaEnc
+from .vim_unet import ViMUNet
 
-__all__ = ["NetworkSpec", "create_network", "get_network_spec", "list_networks", "register_network",
-           "UMamba", "UMambaBot", "UMambaEnc"]
+__all__ = ["NetworkSpec", "create_network", "get_network_spec", "list_networks", "plan_kwargs", "register_network",
+           "SwinUMamba", "SwinUMambaD", "load_vmamba_encoder", "UMamba", "UMambaBot", "UMambaEnc", "ViMUNet"]

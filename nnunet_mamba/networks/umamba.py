@@ -207,6 +207,10 @@ class UMamba(nn.Module):
         if any(s % t for s, t in zip(spatial, self.total_stride)):
             raise ValueError(f"spatial size {spatial} must be divisible by the total stride {self.total_stride} "
                              "(the product of the plans' strides)")
+        if self.training and all(s == t for s, t in zip(spatial, self.total_stride)):
+            raise ValueError(f"spatial size {spatial} leaves a single voxel at the bottleneck (total stride "
+                             f"{self.total_stride}); instance normalisation cannot train on that. Use a larger patch "
+                             "or fewer stages")
         if self._fixed_input_size and spatial != self.input_size:
             raise ValueError(f"{type(self).__name__} was built for input_size={self.input_size} (its channel-token "
                              f"Mamba layers depend on it), got {spatial}")
@@ -229,3 +233,4 @@ class UMambaBot(UMamba):
                   summary="U-Mamba Enc: residual U-Net, Mamba layers after encoder stages (Ma et al. 2024)")
 class UMambaEnc(UMamba):
     placement = "encoder"
+

@@ -1,10 +1,17 @@
 """nnU-Net trainers for our networks. Importing this module needs nnunetv2."""
 from .base import ShortRunMixin, nnUNetTrainerMamba, plans_network_kwargs
+from .swin_umamba import (nnUNetTrainerSwinUMamba, nnUNetTrainerSwinUMamba_demo, nnUNetTrainerSwinUMambaD,
+                          nnUNetTrainerSwinUMambaD_demo, nnUNetTrainerSwinUMambaDScratch,
+                          nnUNetTrainerSwinUMambaScratch)
 from .umamba import (nnUNetTrainerUMambaBot, nnUNetTrainerUMambaBot_demo, nnUNetTrainerUMambaEnc,
                      nnUNetTrainerUMambaEnc_demo)
+from .vim_unet import nnUNetTrainerViMUNetSmall, nnUNetTrainerViMUNetTiny, nnUNetTrainerViMUNetTiny_demo
 
-__all__ = ["ShortRunMixin", "nnUNetTrainerMamba", "plans_network_kwargs", "nnUNetTrainerUMambaBot",
-           "nnUNetTrainerUMambaBot_demo", "nnUNetTrainerUMambaEnc", "nnUNetTrainerUMambaEnc_demo"]
+__all__ = ["ShortRunMixin", "nnUNetTrainerMamba", "plans_network_kwargs", "nnUNetTrainerSwinUMamba",
+           "nnUNetTrainerSwinUMamba_demo", "nnUNetTrainerSwinUMambaD", "nnUNetTrainerSwinUMambaD_demo",
+           "nnUNetTrainerSwinUMambaDScratch", "nnUNetTrainerSwinUMambaScratch", "nnUNetTrainerUMambaBot",
+           "nnUNetTrainerUMambaBot_demo", "nnUNetTrainerUMambaEnc", "nnUNetTrainerUMambaEnc_demo",
+           "nnUNetTrainerViMUNetSmall", "nnUNetTrainerViMUNetTiny", "nnUNetTrainerViMUNetTiny_demo"]
 
 
 def list_trainers() -> list:

@@ -1,7 +1,6 @@
 """Thin nnU-Net trainer subclasses: they only say which registered network to build from the plans."""
 from __future__ import annotations
 
-import inspect
 import os
 import pydoc
 
@@ -10,32 +9,19 @@ from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 from nnunetv2.utilities.plans_handling.plans_handler import ConfigurationManager, PlansManager
 from torch import nn
 
-from ..networks import create_network, get_network_spec
+from ..networks import create_network, get_network_spec, plan_kwargs
 from ..ops import requested_backend, resolve_backend
 
-# nnU-Net's ResEnc presets call the per-stage block count n_blocks_per_stage; our networks use n_conv_per_stage.
-_KWARG_ALIASES = {"n_blocks_per_stage": "n_conv_per_stage"}
-
-
 def plans_network_kwargs(network_name: str, configuration_manager: ConfigurationManager) -> dict:
-    """The plans' architecture kwargs for ``network_name``: classes resolved, aliases mapped, patch size added."""
-    spec = get_network_spec(network_name)
+    """Constructor kwargs for ``network_name`` from a plans configuration (classes imported, patch size added)."""
     kwargs = dict(configuration_manager.network_arch_init_kwargs)
     for key in configuration_manager.network_arch_init_kwargs_req_import:
-        if kwargs.get(key) is not None and isinstance(kwargs[key], str):
+        if isinstance(kwargs.get(key), str):
             located = pydoc.locate(kwargs[key])
             if located is None:
                 raise ValueError(f"plans field architecture.arch_kwargs.{key}={kwargs[key]!r} cannot be imported")
             kwargs[key] = located
-    for old, new in _KWARG_ALIASES.items():
-        if old in kwargs:
-            kwargs.setdefault(new, kwargs.pop(old))
-    accepted = inspect.signature(spec.builder).parameters
-    if not any(p.kind is p.VAR_KEYWORD for p in accepted.values()):
-        kwargs = {k: v for k, v in kwargs.items() if k in accepted}
-    if spec.needs_input_size:
-        kwargs["input_size"] = tuple(configuration_manager.patch_size)
-    return kwargs
+    return plan_kwargs(network_name, kwargs, configuration_manager.patch_size)
 
 
 class nnUNetTrainerMamba(nnUNetTrainer):
@@ -56,6 +42,24 @@ class nnUNetTrainerMamba(nnUNetTrainer):
         kwargs = plans_network_kwargs(cls.network_name, configuration_manager)
         return create_network(cls.network_name, input_channels=num_input_channels, num_classes=num_output_channels,
                               deep_supervision=enable_deep_supervision, **kwargs)
+
+    def _get_deep_supervision_scales(self):
+        # Networks whose outputs do not follow the plans' pooling (transformer/Mamba encoders) declare their
+        # deep-supervision scales; nnU-Net then downsamples the targets to exactly those sizes.
+        scales = getattr(self.unwrapped_network, "deep_supervision_scales", None)
+        if scales is None:
+            return super()._get_deep_supervision_scales()
+        if not self.enable_deep_supervision:
+            return None
+        dim = len(self.configuration_manager.patch_size)
+        return [list(s) if isinstance(s, (list, tuple)) else [s] * dim for s in scales]
+
+    @property
+    def unwrapped_network(self) -> nn.Module:
+        """The network without its DDP / torch.compile wrappers."""
+        network = self.network
+        network = getattr(network, "module", network)
+        return getattr(network, "_orig_mod", network)
 
     def initialize(self) -> None:
         super().initialize()

@@ -1,0 +1,194 @@
+"""Checkpoint reading, checking and conversion: functions on files and dicts that need neither nnU-Net nor a network.
+
+- :func:`load_checkpoint_file`: ``torch.load`` restricted to tensors and plain containers (``weights_only=True``),
+  with errors that tell a truncated file from one holding arbitrary Python objects.
+- :func:`state_dict_mismatch` / :func:`check_state_dict`: compare a state dict with expected keys and shapes.
+- :func:`convert_checkpoint`: an nnU-Net checkpoint written by the original U-Mamba or Swin-UMamba repositories
+  (their vendored nnU-Net of the 2.2 era) into one that nnU-Net 2.8 and our trainers load.
+"""
+from __future__ import annotations
+
+import pickle
+import sys
+from collections import OrderedDict
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
+
+import torch
+
+PathLike = Union[str, Path]
+
+
+class CheckpointError(ValueError):
+    """A checkpoint file or dict is unreadable, foreign, or does not have the expected layout."""
+
+
+class UnsafeCheckpointError(CheckpointError):
+    """The file holds pickled Python objects that ``weights_only`` loading refuses (their names are in ``globals``)."""
+
+    def __init__(self, message: str, unsafe_globals: Sequence[str]) -> None:
+        super().__init__(message)
+        self.globals = list(unsafe_globals)
+
+
+class _InertObject:
+    """Stand-in for an allowlisted class during ``weights_only`` loading.
+
+    The restricted unpickler builds an allowlisted class with ``cls.__new__``; ours returns a plain ``OrderedDict``,
+    so dict-like training state (such as a yacs config) loads as data and none of the original class's code runs.
+    """
+
+    def __new__(cls, *args: Any) -> "OrderedDict":
+        return OrderedDict()
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return f"{type(exc).__name__}: {text.splitlines()[0] if text else ''}"
+
+
+def _unsafe_globals(path: PathLike) -> List[str]:
+    """Globals in the file that ``weights_only`` refuses; empty if the file is no readable ``torch.save`` archive."""
+    finder = getattr(torch.serialization, "get_unsafe_globals_in_checkpoint", None)  # torch >= 2.5
+    if finder is None:
+        return ["(torch < 2.5 cannot name them)"]
+    try:
+        return list(finder(str(path)))
+    except (RuntimeError, OSError, ValueError, EOFError, pickle.UnpicklingError):
+        return []
+
+
+def load_checkpoint_file(path: PathLike, inert_globals: Sequence[str] = (), unsafe_reason: Optional[str] = None,
+                         label: Optional[str] = None) -> Any:
+    """``torch.load(path)`` onto the CPU with ``weights_only=True``.
+
+    ``inert_globals`` names classes (``"module.Class"``) to load as plain dicts instead of refusing them. A file that
+    holds other Python objects is refused with :class:`UnsafeCheckpointError` unless ``unsafe_reason`` says why it
+    may be unpickled fully (``weights_only=False``, which can run code from the file); the reason is then printed.
+    Truncated or corrupt files raise :class:`CheckpointError`; a missing file raises ``FileNotFoundError``.
+    Messages do not name the file, except the printed note, which uses ``label`` (default: the path).
+    """
+    safe_globals = getattr(torch.serialization, "safe_globals", None)  # torch >= 2.5
+    scope = safe_globals([(_InertObject, name) for name in inert_globals]) if safe_globals and inert_globals \
+        else nullcontext()
+    try:
+        with scope:
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise
+    except pickle.UnpicklingError as exc:
+        unsafe = _unsafe_globals(path)
+        if not unsafe:
+            raise CheckpointError(f"not a readable PyTorch checkpoint (truncated or corrupt?): {_first_line(exc)}") \
+                from None
+        if unsafe_reason is None:
+            raise UnsafeCheckpointError(
+                f"holds pickled Python objects beyond tensors and plain containers ({', '.join(unsafe)}); "
+                "refusing to unpickle them, as that can run code from the file.", unsafe) from None
+    except (RuntimeError, OSError, EOFError, ValueError) as exc:
+        raise CheckpointError(f"not a readable PyTorch checkpoint (truncated or corrupt?): {_first_line(exc)}") \
+            from None
+    print(f"note: {label or path} holds Python objects beyond tensors ({', '.join(unsafe)}); loading it with "
+          f"weights_only=False because {unsafe_reason}", file=sys.stderr)
+    try:
+        return torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as exc:  # full unpickling can fail in any way the pickled objects' code chooses
+        raise CheckpointError(f"cannot be unpickled: {_first_line(exc)}") from exc
+
+
+def _listing(items: Sequence[str], limit: int) -> str:
+    shown = ", ".join(items[:limit])
+    return shown + (f", ... ({len(items) - limit} more)" if len(items) > limit else "")
+
+
+def state_dict_mismatch(state_dict: Mapping[str, Any], expected: Mapping[str, Sequence[int]],
+                        limit: int = 5) -> Optional[str]:
+    """``None`` if ``state_dict`` has exactly the ``expected`` keys with those shapes, else what differs: counts of
+    missing, unexpected, mis-shaped and non-tensor entries with the first ``limit`` keys of each."""
+    missing = [k for k in expected if k not in state_dict]
+    unexpected = [k for k in state_dict if k not in expected]
+    not_tensors = [k for k in expected if k in state_dict and not isinstance(state_dict[k], torch.Tensor)]
+    wrong_shape = [f"{k} {tuple(state_dict[k].shape)} != {tuple(expected[k])}" for k in expected
+                   if k in state_dict and k not in not_tensors and tuple(state_dict[k].shape) != tuple(expected[k])]
+    problems = [f"{len(items)} {what}: {_listing(items, limit)}" for what, items in
+                (("missing", missing), ("unexpected", unexpected), ("not tensors", not_tensors),
+                 ("with wrong shape", wrong_shape)) if items]
+    if not problems:
+        return None
+    return f"{len(state_dict)} entries, {len(expected)} expected; " + "; ".join(problems)
+
+
+def check_state_dict(state_dict: Mapping[str, Any], expected: Mapping[str, Sequence[int]], what: str) -> None:
+    """Raise :class:`CheckpointError` naming ``what`` unless ``state_dict`` matches ``expected`` keys and shapes."""
+    mismatch = state_dict_mismatch(state_dict, expected)
+    if mismatch:
+        raise CheckpointError(f"{what} do not match the expected layout: {mismatch}")
+
+
+# Original trainer name -> (network family, the name of our trainer). Our trainers keep the original names;
+# NoAMP only switched off mixed precision in training, so its models are plain U-Mamba Enc models.
+ORIGINAL_TRAINERS: Dict[str, Tuple[str, str]] = {
+    "nnUNetTrainerUMambaBot": ("umamba", "nnUNetTrainerUMambaBot"),
+    "nnUNetTrainerUMambaEnc": ("umamba", "nnUNetTrainerUMambaEnc"),
+    "nnUNetTrainerUMambaEncNoAMP": ("umamba", "nnUNetTrainerUMambaEnc"),
+    "nnUNetTrainerSwinUMamba": ("swin_umamba", "nnUNetTrainerSwinUMamba"),
+    "nnUNetTrainerSwinUMambaD": ("swin_umamba", "nnUNetTrainerSwinUMambaD"),
+    "nnUNetTrainerSwinUMambaScratch": ("swin_umamba", "nnUNetTrainerSwinUMambaScratch"),
+    "nnUNetTrainerSwinUMambaDScratch": ("swin_umamba", "nnUNetTrainerSwinUMambaDScratch"),
+}
+
+UMAMBA_DUPLICATE_PREFIX = "decoder.encoder."
+# nnU-Net 2.6 removed this trainer constructor argument; 2.8 cannot build a trainer from init_args holding it.
+REMOVED_INIT_ARGS = ("unpack_dataset",)
+REQUIRED_NNUNET_KEYS = ("network_weights", "init_args", "trainer_name")
+
+
+def convert_umamba_state_dict(state_dict: Mapping[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+    """The original U-Mamba decoder keeps a reference to the encoder, so its state dict holds every ``encoder.*``
+    tensor a second time under ``decoder.encoder.*``; ours does not. Drop those copies after checking that each
+    equals its ``encoder.*`` twin (so nothing trained is lost). Order and all other entries are kept."""
+    converted: Dict[str, torch.Tensor] = {}
+    differing, orphans = [], []
+    for key, value in state_dict.items():
+        if not key.startswith(UMAMBA_DUPLICATE_PREFIX):
+            converted[key] = value
+            continue
+        twin = state_dict.get("encoder." + key[len(UMAMBA_DUPLICATE_PREFIX):])
+        if twin is None:
+            orphans.append(key)
+        elif twin.shape != value.shape or not torch.equal(twin, value):
+            differing.append(key)
+    if differing or orphans:
+        parts = [f"{len(items)} {what}: {_listing(items, 5)}" for what, items in
+                 (("differ from their encoder.* twin", differing), ("have no encoder.* twin", orphans)) if items]
+        raise CheckpointError(f"U-Mamba state dict: {UMAMBA_DUPLICATE_PREFIX}* entries are expected to duplicate "
+                              f"encoder.*, but {'; '.join(parts)}")
+    return converted
+
+
+def convert_checkpoint(checkpoint: Mapping[str, Any], trainer_name: Optional[str] = None) -> Dict[str, Any]:
+    """A new checkpoint dict for nnU-Net 2.8 from one of the original repositories' nnU-Net checkpoints.
+
+    ``network_weights`` is converted for its network family, the removed ``init_args`` are dropped, and
+    ``trainer_name`` becomes our trainer's (or ``trainer_name`` if given). Every other entry is kept as it is, so
+    training can also be continued. The input is not modified; converting a converted checkpoint changes nothing.
+    """
+    if not isinstance(checkpoint, Mapping):
+        raise CheckpointError(f"not an nnU-Net checkpoint: a {type(checkpoint).__name__}, not a dict")
+    missing = [k for k in REQUIRED_NNUNET_KEYS if k not in checkpoint]
+    if missing:
+        raise CheckpointError(f"not an nnU-Net checkpoint: no {', '.join(missing)} "
+                              f"(top-level keys: {_listing([str(k) for k in checkpoint], 8)})")
+    if not isinstance(checkpoint["init_args"], Mapping):
+        raise CheckpointError(f"not an nnU-Net checkpoint: init_args is a {type(checkpoint['init_args']).__name__}")
+    original = checkpoint["trainer_name"]
+    if original not in ORIGINAL_TRAINERS:
+        raise CheckpointError(f"trainer {original!r} is not one of the U-Mamba / Swin-UMamba trainers this converts: "
+                              f"{', '.join(ORIGINAL_TRAINERS)}")
+    family, ours = ORIGINAL_TRAINERS[original]
+    weights = checkpoint["network_weights"]
+    # Swin-UMamba's layout is already ours; callers check it against the network (check_state_dict).
+    weights = convert_umamba_state_dict(weights) if family == "umamba" else dict(weights)
+    init_args = {k: v for k, v in checkpoint["init_args"].items() if k not in REMOVED_INIT_ARGS}
+    return {**checkpoint, "network_weights": weights, "init_args": init_args, "trainer_name": trainer_name or ours}

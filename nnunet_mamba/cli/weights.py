@@ -1,0 +1,61 @@
+"""``nnunet-mamba download-weights NAME``: fetch pretrained weights into the weights folder, verified."""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import List, Optional
+
+from ..checkpoints import CheckpointError
+from ..pretrained import (WEIGHTS_DIR_ENV, DownloadError, download_weights, file_sha256, get_pretrained_spec,
+                          list_pretrained, weights_path)
+
+COMMAND = "download-weights"
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser(COMMAND, help="download pretrained weights (e.g. vmamba-tiny) and verify them",
+                       description="Download pretrained weights, verify them (sha256 when pinned, keys and shapes "
+                                   "always) and place them in the weights folder; a file never appears there "
+                                   "unverified or half-written.")
+    p.add_argument("name", choices=list_pretrained(), help="which weights")
+    p.add_argument("--from-file", type=Path, metavar="PATH",
+                   help="install this local copy instead of downloading (machines without internet); "
+                        "it is verified the same way")
+    p.add_argument("--force", action="store_true", help="replace the file if it is already there")
+    p.add_argument("--dir", type=Path, metavar="DIR",
+                   help=f"weights folder (default: ${WEIGHTS_DIR_ENV} if set, else the source checkout's "
+                        "pretrained/, else ~/.cache/nnunet_mamba)")
+    p.add_argument("--trust-pickle", action="store_true",
+                   help="also accept files holding pickled Python objects besides tensors (loaded with "
+                        "weights_only=False, which can run code from the file): only for sources you trust")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    present = weights_path(args.name, args.dir).exists() and not args.force
+    try:
+        path = download_weights(args.name, force=args.force, from_file=args.from_file, weights_dir=args.dir,
+                                trust_pickle=args.trust_pickle)
+    except (CheckpointError, DownloadError, OSError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    if present:
+        print(f"{args.name}: already present and verified (--force replaces it)", file=sys.stderr)
+    print(f"{args.name}: {path}")
+    digest = file_sha256(path)
+    pinned = get_pretrained_spec(args.name).sha256
+    print(f"sha256: {digest}{' (matches the pinned value)' if pinned else ''}")
+    return 0
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    """Stand-alone entry point (``python -m nnunet_mamba.cli.weights``, ``pretrained/download_weights.py``)."""
+    parser = argparse.ArgumentParser(prog="nnunet-mamba")
+    add_parser(parser.add_subparsers(dest="command"))
+    args = parser.parse_args([COMMAND, *(sys.argv[1:] if argv is None else argv)])
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

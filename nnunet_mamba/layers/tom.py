@@ -1,0 +1,137 @@
+"""Tri-oriented Mamba (ToM, SegMamba's layer, used by SegResMamba) over 3D feature maps.
+
+    ToM(z) = Mamba(z_f) + Mamba(z_r) + Mamba(z_s)
+
+The voxels of a (batch, C, D, H, W) map, flattened in C order (the last axis fastest), are scanned in three
+orders: forward, reversed, and inter-slice (the slice axis, the first spatial axis, varying fastest, so
+consecutive tokens are the same in-plane position on neighbouring slices; SegMamba's ``nslices`` scan with
+``nslices = D``). Each direction has its own SSM parameters (depthwise causal conv1d, x_proj, dt_proj, A_log, D,
+with mamba-ssm's initialisation); each direction's output is mapped back to voxel order before the sum.
+
+Design: shared input and output projections, as SegMamba's ToM (``bimamba_type="v3"``).
+    Both projections are per-token linear maps, so shared ones are computed once for all three orders
+    (x W_in permuted is (x permuted) W_in; out_proj(a) + out_proj(b) + out_proj(c) = out_proj(a + b + c) for
+    the bias-free out_proj), and the gate silu(z) is applied once, after the three outputs are back in
+    voxel order. Measured (LayerNorm included; expand 2, d_state 16), shared versus three full Mamba layers:
+      parameters       C = 48: 31,488 vs 59,136; C = 384: 1,122,816 vs 2,892,288; SegResMamba's eight ToMs
+                       (two per width 48, 96, 192, 384): 3,121,920 vs 7,822,080
+      matmul MACs      C = 48 on 16^3 voxels: 106M vs 219M; C = 192 on 8^3: 149M vs 375M
+      CPU time         1 thread, pure-PyTorch scan, batch 1, median of 8 (CPU time on a shared machine):
+                       C = 48 on 16^3 forward 0.55 s vs 0.56 s, forward + backward 1.92 s vs 1.89 s;
+                       C = 192 on 8^3 forward 0.40 s vs 0.34 s, forward + backward 1.24 s vs 1.21 s.
+    The scan dominates on CPU, so the two run at about the same speed there (within 15%). Sharing saves 60%
+    of SegResMamba's ToM parameters and half the matmul work, which a GPU spends besides the scan (not
+    measured here). The three directions are folded into the channel dimension (3 * d_inner channels,
+    direction-major; B and C grouped, one group per direction), so one
+    ``selective_scan`` call, and on CUDA one mamba-ssm kernel launch instead of three, serves all of them.
+
+Like :class:`~nnunet_mamba.layers.blocks.MambaLayer`, the layer normalises the tokens (LayerNorm), has no
+residual, and runs in float32 under autocast.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional, Sequence, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..ops import selective_scan
+
+DIRECTIONS: Tuple[str, ...] = ("forward", "reverse", "inter_slice")
+
+
+def scan_order(spatial_shape: Sequence[int], direction: str,
+               device: Optional[torch.device] = None) -> torch.Tensor:
+    """Voxel indices (into the C-order flattened map) in the order ``direction`` visits them.
+
+    ``sequence = flat[..., order]`` gives the scan; :func:`inverse_order` maps it back.
+    """
+    grid = torch.arange(math.prod(spatial_shape), device=device).view(*spatial_shape)
+    if direction == "forward":
+        return grid.reshape(-1)
+    if direction == "reverse":
+        return grid.reshape(-1).flip(0)
+    if direction == "inter_slice":
+        # moving the slice axis last makes it vary fastest in the flattened order
+        return grid.movedim(0, -1).reshape(-1)
+    raise ValueError(f"direction must be one of {DIRECTIONS}, got {direction!r}")
+
+
+def inverse_order(order: torch.Tensor) -> torch.Tensor:
+    """The permutation undoing ``order``: ``sequence[..., inverse_order(order)]`` is back in voxel order."""
+    inverse = torch.empty_like(order)
+    inverse[order] = torch.arange(order.numel(), device=order.device)
+    return inverse
+
+
+class ToM(nn.Module):
+    """LayerNorm + tri-oriented Mamba on (batch, dim, D, H, W) maps; returns the same shape, no residual."""
+
+    def __init__(self, dim: int, d_state: int = 16, d_conv: int = 4, expand: int = 2, dt_min: float = 0.001,
+                 dt_max: float = 0.1, dt_init_floor: float = 1e-4) -> None:
+        super().__init__()
+        self.dim = dim
+        self.d_state = d_state
+        self.d_conv = d_conv
+        self.d_inner = expand * dim
+        self.dt_rank = math.ceil(dim / 16)
+        n_dir, d_inner = len(DIRECTIONS), self.d_inner
+
+        self.norm = nn.LayerNorm(dim)
+        self.in_proj = nn.Linear(dim, 2 * d_inner, bias=False)
+        self.out_proj = nn.Linear(d_inner, dim, bias=False)
+        # Per-direction SSM parameters, stacked on a leading direction axis (order of DIRECTIONS).
+        self.conv1d_weight = nn.Parameter(torch.empty(n_dir, d_inner, d_conv))
+        self.conv1d_bias = nn.Parameter(torch.empty(n_dir, d_inner))
+        self.x_proj_weight = nn.Parameter(torch.empty(n_dir, self.dt_rank + 2 * d_state, d_inner))
+        self.dt_proj_weight = nn.Parameter(torch.empty(n_dir, d_inner, self.dt_rank))
+        self.dt_proj_bias = nn.Parameter(torch.empty(n_dir, d_inner))
+        # S4D-real initialisation: A = -(1..N) for every channel, stored as log
+        A = torch.arange(1, d_state + 1, dtype=torch.float32).repeat(n_dir, d_inner, 1)
+        self.A_log = nn.Parameter(torch.log(A))
+        self.D = nn.Parameter(torch.ones(n_dir, d_inner))
+        self.A_log._no_weight_decay = True
+        self.D._no_weight_decay = True
+        self._init_direction_parameters(dt_min, dt_max, dt_init_floor)
+
+    @torch.no_grad()
+    def _init_direction_parameters(self, dt_min: float, dt_max: float, dt_init_floor: float) -> None:
+        """mamba-ssm's initialisation, independently for every direction."""
+        # nn.Conv1d / nn.Linear defaults: U(-1/sqrt(fan_in), 1/sqrt(fan_in))
+        nn.init.uniform_(self.conv1d_weight, -self.d_conv ** -0.5, self.d_conv ** -0.5)
+        nn.init.uniform_(self.conv1d_bias, -self.d_conv ** -0.5, self.d_conv ** -0.5)
+        nn.init.uniform_(self.x_proj_weight, -self.d_inner ** -0.5, self.d_inner ** -0.5)
+        nn.init.uniform_(self.dt_proj_weight, -self.dt_rank ** -0.5, self.dt_rank ** -0.5)
+        # dt_proj bias: softplus^-1 of dt ~ logU[dt_min, dt_max]
+        dt = torch.exp(torch.rand_like(self.dt_proj_bias) * (math.log(dt_max) - math.log(dt_min))
+                       + math.log(dt_min)).clamp(min=dt_init_floor)
+        self.dt_proj_bias.copy_(dt + torch.log(-torch.expm1(-dt)))
+        self.dt_proj_bias._no_reinit = True
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() != 5 or x.shape[1] != self.dim:
+            raise ValueError(f"ToM expects a 3D feature map (batch, {self.dim}, D, H, W), got {tuple(x.shape)}")
+        batch, spatial = x.shape[0], x.shape[2:]
+        length = spatial.numel()
+        n_dir, d_inner, n = len(DIRECTIONS), self.d_inner, self.d_state
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            tokens = self.norm(x.float().flatten(2).transpose(1, 2))  # (batch, L, dim)
+            u, z = self.in_proj(tokens).transpose(1, 2).chunk(2, dim=1)  # (batch, d_inner, L) each
+            orders = [scan_order(spatial, d, device=x.device) for d in DIRECTIONS]
+            # directions folded into channels: (batch, 3 * d_inner, L), direction-major
+            u = torch.cat([u.index_select(2, order) for order in orders], dim=1)
+            u = F.conv1d(u, self.conv1d_weight.reshape(n_dir * d_inner, 1, self.d_conv),
+                         self.conv1d_bias.reshape(-1), padding=self.d_conv - 1, groups=n_dir * d_inner)
+            u = F.silu(u[..., :length])
+            x_dbl = torch.einsum("bgil,gji->bgjl", u.reshape(batch, n_dir, d_inner, length), self.x_proj_weight)
+            dt, B, C = torch.split(x_dbl, [self.dt_rank, n, n], dim=2)  # B, C: (batch, 3, N, L), grouped
+            dt = torch.einsum("bgrl,gir->bgil", dt, self.dt_proj_weight).reshape(batch, n_dir * d_inner, length)
+            y = selective_scan(u, dt, -torch.exp(self.A_log.reshape(n_dir * d_inner, n)), B.contiguous(),
+                               C.contiguous(), D=self.D.reshape(-1), delta_bias=self.dt_proj_bias.reshape(-1),
+                               delta_softplus=True)
+            y = y.reshape(batch, n_dir, d_inner, length)
+            merged = sum(y[:, g].index_select(2, inverse_order(order)) for g, order in enumerate(orders))
+            out = self.out_proj((merged * F.silu(z)).transpose(1, 2))  # (batch, L, dim)
+            return out.transpose(1, 2).reshape(batch, self.dim, *spatial)

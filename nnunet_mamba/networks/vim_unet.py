@@ -1,0 +1,230 @@
+"""ViM-UNet (Archit & Pape, MIDL 2024): a Vision Mamba encoder with a UNETR-style convolutional decoder, 2D only.
+
+Reimplements torch-em's ``get_vimunet_model`` (``torch_em/model/vim.py`` + ``UNETR(use_skip_connection=False)``),
+whose encoder is Vim's ``VisionMamba`` (hustvl/Vim, ``models_mamba.py``) as torch-em configures it.
+
+Encoder: 16x16 patch embedding (a strided convolution), a learnable absolute position embedding for the token grid
+of ``input_size`` (bicubically resampled when an input has another size), ``depth`` Vim blocks
+(:class:`~nnunet_mamba.layers.bimamba.ViMBlock`: RMSNorm, bidirectional Mamba, drop path rising linearly from 0 to
+``drop_path_rate``, float32 residual stream), a final RMSNorm, and the tokens reshaped to a 1/16 feature map.
+Tiny: ``embed_dim=192``, Small: ``embed_dim=384``; 24 blocks, d_state 16, expand 2 for both.
+Initialisation as Vim: LeCun-normal patch embedding, truncated-normal (std 0.02) position embedding, each block's
+``out_proj`` scaled by 1/sqrt(depth), mamba-ssm's initialisation elsewhere; the decoder keeps PyTorch's defaults.
+
+Decoder (UNETR without encoder skips, channels 512, 256, 128, 64 as torch-em's):
+- a side chain from the final embedding, each step a 2x2 stride-2 transposed convolution + 3x3 convolution +
+  BatchNorm + ReLU, gives features at 1/8 (512 ch), 1/4 (256), 1/2 (128) and full resolution (64);
+- a base block (two InstanceNorm -> 3x3 conv -> ReLU, torch-em's ``ConvBlock2d``) maps the embedding to 512 ch;
+- four stages, each a transposed-convolution upsampling and such a block on the concatenation with the side-chain
+  feature of that resolution. As in torch-em, whose decoder centre-crops every axis of the skip to the upsampled
+  tensor's shape, channels included, a stage concatenates the *middle* half of the side chain's channels at 1/8,
+  1/4 and 1/2 (e.g. channels 128..383 of the 512) and all 64 at full resolution;
+- 1x1 segmentation heads after each stage (1/8, 1/4, 1/2, full resolution); the last is torch-em's ``out_conv``.
+  Outputs are logits (torch-em appends a sigmoid; nnU-Net's losses expect logits).
+
+Patch sizes that are not multiples of 16 are zero-padded (bottom/right) inside the network and the outputs
+cropped back, so any patch size works; a 3D configuration raises ``ValueError``.
+
+Deep supervision and nnU-Net. With ``deep_supervision`` the network returns four outputs, highest resolution
+first, at scales 1, 1/2, 1/4, 1/8 of the input, sized ``round(size * scale)`` per axis (Python's round, as
+batchgeneratorsv2's ``DownsampleSegForDSTransform`` sizes the targets); otherwise one full-resolution tensor.
+These scales do not follow the plans: nnU-Net 2.8's ``nnUNetTrainer._get_deep_supervision_scales`` derives the
+scales from ``pool_op_kernel_sizes`` of a convolutional U-Net (one per stage but the last, possibly anisotropic),
+which would not match. A trainer for this network must override it to return
+``[list(s) for s in ViMUNet.deep_supervision_scales]`` when ``self.enable_deep_supervision`` and ``None``
+otherwise. nnU-Net then weights the four outputs 1, 1/2, 1/4 and 0 (it always zeroes the lowest), normalised.
+
+Parameter parity with the paper's models (torch-em at paper time, ``out_channels=2``): 18,499,690 (Tiny) and
+39,175,018 (Small). Those counts decompose exactly into: VisionMamba with its defaults ``channels=3`` (torch-em
+does not override them, so 3 input channels) and ``num_classes=1000``, a class token, a position embedding of
+64 * 64 + 1 tokens (``img_size=1024``), and a decoder whose every upsampling (side chain, decoder stages, final
+``deconv_out``) is a 2x2 transposed convolution (torch-em's later default, bilinear + 1x1 convolution, would
+count 17,160,298 and 37,540,714). Built for the same configuration (``input_channels=3, num_classes=2,
+input_size=(1024, 1024)``) ours has 18,307,208 (Tiny) and 38,790,152 (Small) parameters:
+
+    difference (ours minus paper)                                   Tiny       Small
+    no ImageNet classification head Linear(dim, 1000)           -193,000    -385,000
+    no class token                                                  -192        -384
+    no position-embedding entry for the class token                 -192        -384
+    deep-supervision heads at 1/8, 1/4, 1/2 (256/128/64 ch -> 2)    +902        +902
+
+Everything else (patch embedding, the 24 bidirectional blocks, final norm, side chain, base, stages, output head)
+has the original's shapes. The head is unused by ViM-UNet, and so is the class token: torch-em removes one token
+before reshaping the sequence into a feature map, so we never insert it and every token is a patch. The
+deep-supervision heads exist whatever ``deep_supervision`` says, so one state dict serves training and inference.
+With 1 input channel the patch embedding has 2 * 256 * dim fewer weights (Tiny 18,208,904, Small 38,593,544).
+"""
+from __future__ import annotations
+
+import math
+from collections import OrderedDict
+from typing import List, Optional, Sequence, Tuple, Type, Union
+
+import torch
+import torch.nn.functional as F
+from timm.layers import lecun_normal_, trunc_normal_
+from torch import nn
+
+from ..layers.bimamba import RMSNorm, ViMBlock
+from ..layers.blocks import conv_dim
+from .registry import register_network
+
+PATCH_SIZE = 16
+# Decoder channels from 1/16 to full resolution: torch-em's UNETR with initial_features=64, gain=2, depth=3.
+DECODER_FEATURES = (512, 256, 128, 64)
+
+
+class ViMEncoder(nn.Module):
+    """Patch embedding + absolute position embedding + Vim blocks + final RMSNorm; returns a (b, dim, H/16, W/16) map.
+
+    Attribute names follow Vim's ``VisionMamba`` (``patch_embed.proj``, ``pos_embed``, ``layers.i.mixer``,
+    ``layers.i.norm``, ``norm_f``) so its checkpoints map key for key once ``cls_token`` and ``head`` are dropped
+    and ``pos_embed`` loses its class-token entry and is resampled to this grid.
+    """
+
+    def __init__(self, input_channels: int, embed_dim: int, depth: int, grid_size: Tuple[int, int],
+                 drop_path_rate: float) -> None:
+        super().__init__()
+        self.embed_dim = embed_dim
+        self.grid_size = tuple(grid_size)
+        self.patch_embed = nn.Sequential(OrderedDict(
+            proj=nn.Conv2d(input_channels, embed_dim, kernel_size=PATCH_SIZE, stride=PATCH_SIZE)))
+        self.pos_embed = nn.Parameter(torch.zeros(1, self.grid_size[0] * self.grid_size[1], embed_dim))
+        rates = torch.linspace(0, drop_path_rate, depth).tolist()
+        self.layers = nn.ModuleList([ViMBlock(embed_dim, drop_path=rate) for rate in rates])
+        self.norm_f = RMSNorm(embed_dim)
+
+        lecun_normal_(self.patch_embed.proj.weight)
+        nn.init.zeros_(self.patch_embed.proj.bias)
+        trunc_normal_(self.pos_embed, std=0.02)
+        with torch.no_grad():  # GPT-2 style: each residual branch's output projection scaled by 1/sqrt(depth)
+            for layer in self.layers:
+                layer.mixer.out_proj.weight /= math.sqrt(depth)
+
+    def position_embedding(self, grid: Sequence[int]) -> torch.Tensor:
+        """The position embedding (1, gh * gw, dim) for a token grid; bicubically resampled if not the built one."""
+        grid = tuple(grid)
+        if grid == self.grid_size:
+            return self.pos_embed
+        table = self.pos_embed.reshape(1, *self.grid_size, self.embed_dim).permute(0, 3, 1, 2)
+        table = F.interpolate(table.float(), size=grid, mode="bicubic", align_corners=False)
+        return table.flatten(2).transpose(1, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.patch_embed(x)
+        grid = x.shape[2:]
+        tokens = x.flatten(2).transpose(1, 2).float() + self.position_embedding(grid)  # row-major token order
+        for layer in self.layers:
+            tokens = layer(tokens)
+        tokens = self.norm_f(tokens)
+        return tokens.transpose(1, 2).reshape(x.shape[0], self.embed_dim, *grid)
+
+
+class ConvBlock(nn.Sequential):
+    """torch-em's ``ConvBlock2d``: (InstanceNorm -> 3x3 conv -> ReLU) twice; the norms have no affine parameters."""
+
+    def __init__(self, input_channels: int, output_channels: int) -> None:
+        super().__init__(
+            nn.InstanceNorm2d(input_channels), nn.Conv2d(input_channels, output_channels, 3, padding=1),
+            nn.ReLU(inplace=True),
+            nn.InstanceNorm2d(output_channels), nn.Conv2d(output_channels, output_channels, 3, padding=1),
+            nn.ReLU(inplace=True))
+
+
+class UpConvBlock(nn.Sequential):
+    """torch-em's ``Deconv2DBlock``: 2x2 stride-2 transposed conv -> 3x3 conv -> BatchNorm -> ReLU."""
+
+    def __init__(self, input_channels: int, output_channels: int) -> None:
+        super().__init__(
+            nn.ConvTranspose2d(input_channels, output_channels, kernel_size=2, stride=2),
+            nn.Conv2d(output_channels, output_channels, 3, padding=1), nn.BatchNorm2d(output_channels),
+            nn.ReLU(inplace=True))
+
+
+class ViMUNetDecoder(nn.Module):
+    """UNETR decoder fed by the final embedding only; see the module docstring for the layout."""
+
+    def __init__(self, embed_dim: int, num_classes: int, deep_supervision: bool) -> None:
+        super().__init__()
+        self.deep_supervision = deep_supervision
+        side_channels = DECODER_FEATURES
+        up_channels = DECODER_FEATURES[1:] + DECODER_FEATURES[-1:]  # the last upsampling keeps 64 channels
+        self.side_blocks = nn.ModuleList([UpConvBlock(i, o) for i, o in zip((embed_dim,) + side_channels[:-1],
+                                                                             side_channels)])
+        self.base = ConvBlock(embed_dim, DECODER_FEATURES[0])
+        self.upsample_layers = nn.ModuleList([nn.ConvTranspose2d(i, o, kernel_size=2, stride=2)
+                                              for i, o in zip(DECODER_FEATURES, up_channels)])
+        self.stages = nn.ModuleList([ConvBlock(2 * c, c) for c in up_channels])
+        self.seg_layers = nn.ModuleList([nn.Conv2d(c, num_classes, kernel_size=1) for c in up_channels])
+
+    def forward(self, embedding: torch.Tensor) -> List[torch.Tensor]:
+        """Segmentations of the padded input, highest resolution first (only the full-resolution one without DS)."""
+        side, skips = embedding, []
+        for block in self.side_blocks:
+            side = block(side)
+            skips.append(side)
+        x = self.base(embedding)
+        outputs = []
+        last = len(self.stages) - 1
+        for s, (upsample, stage, skip) in enumerate(zip(self.upsample_layers, self.stages, skips)):
+            x = upsample(x)
+            start = (skip.shape[1] - x.shape[1]) // 2  # torch-em's centre crop of the skip's channels
+            x = stage(torch.cat([x, skip[:, start:start + x.shape[1]]], dim=1))
+            if self.deep_supervision or s == last:
+                outputs.append(self.seg_layers[s](x))
+        outputs.reverse()
+        return outputs
+
+
+@register_network("vim_unet_small", dims=(2,), needs_input_size=True, embed_dim=384,
+                  summary="ViM-UNet Small: Vision Mamba (dim 384) encoder + UNETR decoder (Archit & Pape 2024)")
+@register_network("vim_unet_tiny", dims=(2,), needs_input_size=True, embed_dim=192,
+                  summary="ViM-UNet Tiny: Vision Mamba (dim 192) encoder + UNETR decoder (Archit & Pape 2024)")
+class ViMUNet(nn.Module):
+    """ViM-UNet for 2D inputs (batch, input_channels, x, y); ``input_size`` is the patch size the position
+    embedding is built for. ``depth`` and ``drop_path_rate`` default to the original's (24, Vim's 0.1)."""
+
+    # Output scales under deep supervision, highest resolution first; what a trainer's
+    # ``_get_deep_supervision_scales`` must return for this network (see the module docstring).
+    deep_supervision_scales: Tuple[Tuple[float, float], ...] = ((1.0, 1.0), (0.5, 0.5), (0.25, 0.25), (0.125, 0.125))
+
+    def __init__(self, input_channels: int, num_classes: int, deep_supervision: bool = False,
+                 input_size: Optional[Sequence[int]] = None, embed_dim: int = 192, depth: int = 24,
+                 drop_path_rate: float = 0.1, conv_op: Optional[Type[nn.Module]] = None) -> None:
+        super().__init__()
+        if conv_op is not None and conv_dim(conv_op) != 2:
+            raise ValueError(f"ViM-UNet is 2D only (Vision Mamba patch embedding and 2D decoder); got conv_op="
+                             f"{conv_op.__name__}. Use a 2D configuration.")
+        if input_size is None:
+            raise ValueError("ViM-UNet needs input_size (the patch size, e.g. the plans' patch_size): its position "
+                             "embedding is sized from it")
+        if len(input_size) != 2:
+            raise ValueError(f"ViM-UNet is 2D only; input_size must have 2 entries, got {tuple(input_size)}")
+        if any(int(s) < 1 for s in input_size):
+            raise ValueError(f"input_size must be positive, got {tuple(input_size)}")
+        self.input_channels = input_channels
+        self.num_classes = num_classes
+        self.input_size = tuple(int(s) for s in input_size)
+        grid = tuple(math.ceil(s / PATCH_SIZE) for s in self.input_size)
+        self.encoder = ViMEncoder(input_channels, embed_dim, depth, grid, drop_path_rate)
+        self.decoder = ViMUNetDecoder(embed_dim, num_classes, deep_supervision)
+
+    def check_input(self, x: torch.Tensor) -> None:
+        if x.dim() != 4:
+            what = " (a 3D volume? ViM-UNet is 2D only)" if x.dim() == 5 else ""
+            raise ValueError(f"ViM-UNet expects input (batch, channels, x, y), got shape {tuple(x.shape)}{what}")
+        if x.shape[1] != self.input_channels:
+            raise ValueError(f"expected {self.input_channels} input channels, got {x.shape[1]}")
+        if math.ceil(x.shape[2] / PATCH_SIZE) * math.ceil(x.shape[3] / PATCH_SIZE) < 2:
+            raise ValueError(f"spatial size {tuple(x.shape[2:])} gives a single {PATCH_SIZE}x{PATCH_SIZE} patch; the "
+                             "decoder's instance norms need at least two")
+
+    def forward(self, x: torch.Tensor) -> Union[torch.Tensor, List[torch.Tensor]]:
+        self.check_input(x)
+        size = tuple(x.shape[2:])
+        pad = [math.ceil(s / PATCH_SIZE) * PATCH_SIZE - s for s in size]
+        outputs = self.decoder(self.encoder(F.pad(x, (0, pad[1], 0, pad[0]))))
+        # Crop the padding away; lower resolutions get the sizes nnU-Net gives its downsampled targets.
+        outputs = [o[..., :round(size[0] * scale[0]), :round(size[1] * scale[1])]
+                   for o, scale in zip(outputs, self.deep_supervision_scales)]
+        return outputs if self.decoder.deep_supervision else outputs[0]

@@ -1,0 +1,64 @@
+import os
+import subprocess
+import sys
+
+import pytest
+
+from nnunet_mamba.cli import main
+from nnunet_mamba.cli.environment import ext_trainer_value, trainer_shim_dir
+
+BIN = os.path.dirname(sys.executable)
+
+
+def run_shell(script: str, env=None) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}", **(env or {})}
+    return subprocess.run(["bash", "-c", script], capture_output=True, text=True, env=env, timeout=300)
+
+
+def test_env_one_liner_lets_nnunet_find_our_trainers():
+    # exactly the README's one-liner, in a fresh shell, then nnU-Net's own trainer lookup
+    result = run_shell('eval "$(nnunet-mamba env)" && python -c "'
+                       "from nnunetv2.utilities.find_objects import recursive_find_trainer_class_by_name as find;"
+                       "print(find('nnUNetTrainerUMambaEnc').__module__)\"",
+                       env={"nnUNet_extTrainer": ""})
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip().endswith("nnunet_mamba.trainers.umamba")
+
+
+def test_env_keeps_other_trainer_folders(tmp_path):
+    value = ext_trainer_value(f"{tmp_path}{os.pathsep}{trainer_shim_dir()}")
+    assert value.split(os.pathsep) == [trainer_shim_dir(), str(tmp_path)]
+    assert os.path.isfile(os.path.join(trainer_shim_dir(), "nnunet_mamba_trainers.py"))
+
+
+def test_env_reports_diagnostics(capsys, monkeypatch):
+    monkeypatch.delenv("nnUNet_raw", raising=False)
+    assert main(["env"]) == 0
+    out = capsys.readouterr().out
+    assert "export nnUNet_extTrainer=" in out
+    assert "nnUNet_raw: NOT SET" in out
+    assert "selective scan: NNUNET_MAMBA_BACKEND=" in out
+    assert all(line.startswith(("#", "export ")) for line in out.splitlines())
+
+
+def test_list_names_networks_and_trainers(capsys):
+    assert main(["list"]) == 0
+    out = capsys.readouterr().out
+    for name in ("umamba_bot", "umamba_enc", "nnUNetTrainerUMambaBot", "nnUNetTrainerUMambaEnc"):
+        assert name in out
+
+
+def test_benchmark_runs_on_cpu(capsys, tmp_path):
+    out_json = tmp_path / "bench.json"
+    assert main(["benchmark", "plainconvunet", "umamba_bot", "--preset", "2d_320", "--patch", "128", "128",
+                 "--batch", "2", "--steps", "1", "--warmup", "0", "--device", "cpu", "--json", str(out_json)]) == 0
+    out = capsys.readouterr().out
+    assert "umamba_bot" in out and "plainconvunet" in out
+    import json
+    rows = json.loads(out_json.read_text())["rows"]
+    assert rows[1]["params"] == 47533012 and rows[1]["step_ms"] > 0
+
+
+def test_benchmark_rejects_unknown_network():
+    with pytest.raises(SystemExit, match="unknown network"):
+        main(["benchmark", "no_such_net", "--device", "cpu"])
