@@ -10,7 +10,7 @@ from pathlib import Path
 # imports even where it is not installed.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from nnunet_mamba.cli.weights import main  # noqa: E402
+from nnunet_mamba.cli import main  # noqa: E402
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(["download-weights", *sys.argv[1:]]))

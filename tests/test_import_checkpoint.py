@@ -15,7 +15,7 @@ import torch
 import nnunet_mamba
 from nnunet_mamba.checkpoints import (CheckpointError, check_state_dict, convert_checkpoint,
                                       convert_umamba_state_dict, state_dict_mismatch)
-from nnunet_mamba.cli import import_checkpoint
+from nnunet_mamba.cli import main as cli_main
 
 REFERENCE = Path(__file__).resolve().parent / "reference"
 UMAMBA = json.loads((REFERENCE / "umamba_bot_2d_plan320.json").read_text())
@@ -206,7 +206,7 @@ def test_model_folder_import_loads_in_our_network_and_in_nnunet(source, tmp_path
     folder, state = source
     before = snapshot(folder)
     results = tmp_path / "nnUNet_results" / "Dataset999_Synthetic"
-    assert import_checkpoint.main([str(folder), str(results)]) == 0
+    assert cli_main(["import-checkpoint", str(folder), str(results)]) == 0
     model = results / MODEL
     out = capsys.readouterr().out
     assert f"imported: {model}" in out and f"-m {model} -f 0" in out
@@ -238,7 +238,7 @@ def test_model_folder_import_loads_in_our_network_and_in_nnunet(source, tmp_path
                        state["encoder.stem.0.conv1.weight"])
 
     assert snapshot(folder) == before  # the source is never modified
-    assert import_checkpoint.main([str(folder), str(results)]) == 1
+    assert cli_main(["import-checkpoint", str(folder), str(results)]) == 1
     assert "already exists; pass --force" in capsys.readouterr().err
 
 
@@ -246,15 +246,15 @@ def test_checkpoint_file_import(source, tmp_path, capsys):
     folder, _ = source
     src = folder / "fold_0" / "checkpoint_final.pth"
     before = snapshot(folder)
-    assert import_checkpoint.main([str(src), str(tmp_path)]) == 0  # into a folder, same file name
+    assert cli_main(["import-checkpoint", str(src), str(tmp_path)]) == 0  # into a folder, same file name
     converted = load(tmp_path / src.name)
     assert "unpack_dataset" not in converted["init_args"]
     assert not any(k.startswith(DUP) for k in converted["network_weights"])
     assert sorted(p.name for p in tmp_path.iterdir()) == [src.name]
     assert snapshot(folder) == before
-    assert import_checkpoint.main([str(src), str(tmp_path / src.name)]) == 1
+    assert cli_main(["import-checkpoint", str(src), str(tmp_path / src.name)]) == 1
     assert "already exists" in capsys.readouterr().err
-    assert import_checkpoint.main([str(src), str(tmp_path / "x.pth"), "--trainer", "nnUNetTrainerNope"]) == 1
+    assert cli_main(["import-checkpoint", str(src), str(tmp_path / "x.pth"), "--trainer", "nnUNetTrainerNope"]) == 1
     err = capsys.readouterr().err
     assert "'nnUNetTrainerNope' is not provided by nnunet_mamba" in err and "nnUNetTrainerUMambaEnc" in err
     assert not (tmp_path / "x.pth").exists()
@@ -272,14 +272,14 @@ def test_failed_import_leaves_nothing(source, tmp_path, capsys):
     (src / "fold_1").mkdir()
     torch.save({"model": {"w": torch.zeros(1)}}, src / "fold_1" / "checkpoint_final.pth")  # converted second
     results = tmp_path / "results"
-    assert import_checkpoint.main([str(src), str(results)]) == 1
+    assert cli_main(["import-checkpoint", str(src), str(results)]) == 1
     err = capsys.readouterr().err
     assert "converted fold_0/checkpoint_final.pth" in err
     assert f"error: {src / 'fold_1' / 'checkpoint_final.pth'}: not an nnU-Net checkpoint" in err
     assert list(results.iterdir()) == []
 
-    assert import_checkpoint.main([str(src), str(src.parent)]) == 1  # would replace the source
+    assert cli_main(["import-checkpoint", str(src), str(src.parent)]) == 1  # would replace the source
     assert "is the source or inside it" in capsys.readouterr().err
-    assert import_checkpoint.main([str(tmp_path / "nothing"), str(results)]) == 1
-    assert import_checkpoint.main([str(results), str(tmp_path / "r2")]) == 1
+    assert cli_main(["import-checkpoint", str(tmp_path / "nothing"), str(results)]) == 1
+    assert cli_main(["import-checkpoint", str(results), str(tmp_path / "r2")]) == 1
     assert "not an nnU-Net model folder: no plans.json" in capsys.readouterr().err

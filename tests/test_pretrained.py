@@ -17,7 +17,7 @@ import torch
 
 from nnunet_mamba import pretrained
 from nnunet_mamba.checkpoints import CheckpointError
-from nnunet_mamba.cli import weights as weights_cli
+from nnunet_mamba.cli import main as cli_main
 from nnunet_mamba.pretrained import (WEIGHTS_DIR_ENV, DownloadError, download_weights, get_pretrained_spec,
                                      load_pretrained_state_dict, verify_checkpoint, weights_path)
 
@@ -50,7 +50,7 @@ def good_file(state_dict, tmp_path_factory):
 
 
 def cli(*argv: str) -> int:
-    return weights_cli.main(list(argv))
+    return cli_main(["download-weights", *argv])
 
 
 def assert_nothing_installed(folder: Path) -> None:

@@ -15,7 +15,7 @@ from typing import Dict, List
 import torch
 from torch import nn
 
-from ..networks import create_network, list_networks, plan_kwargs
+from ..networks import create_network, get_network_spec, list_networks, plan_kwargs
 from ..ops import resolve_backend
 
 BASELINES = {"plainconvunet": "dynamic_network_architectures.architectures.unet.PlainConvUNet"}
@@ -121,13 +121,10 @@ def measure(name: str, plan: dict, batch: int, classes: int, device: torch.devic
     elapsed = (time.perf_counter() - start) / steps
     peak = torch.cuda.max_memory_allocated() / 2 ** 30 if device.type == "cuda" else float("nan")
     infer_ms = _inference_ms(network, x[:1], use_amp, steps)
-    gflops = _forward_gflops(network, x[:1])
+    gmacs = _forward_gmacs(network, x[:1])
     backend = "-" if name in BASELINES else resolve_backend(device)
-    del network, model, optimizer
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
     return {"network": name, "params": params, "step_ms": elapsed * 1000, "peak_gib": peak, "infer_ms": infer_ms,
-            "gflops": gflops, "backend": backend, "batch": batch, "patch": list(plan["patch_size"])}
+            "gmacs": gmacs, "backend": backend, "batch": batch, "patch": list(plan["patch_size"])}
 
 
 def _sync(device: torch.device) -> None:
@@ -153,9 +150,9 @@ def _inference_ms(network: nn.Module, image: torch.Tensor, use_amp: bool, repeat
 
 
 @torch.no_grad()
-def _forward_gflops(network: nn.Module, image: torch.Tensor) -> float:
-    """Forward FLOPs of one patch counted by torch.utils.flop_counter (matmuls and convolutions; the selective
-    scan's elementwise recurrence is not counted)."""
+def _forward_gmacs(network: nn.Module, image: torch.Tensor) -> float:
+    """Forward multiply-accumulates of one patch (torch.utils.flop_counter's FLOPs / 2, the unit papers report):
+    matmuls and convolutions; the selective scan's elementwise recurrence is not counted."""
     from torch.utils.flop_counter import FlopCounterMode
 
     network.eval()
@@ -163,7 +160,7 @@ def _forward_gflops(network: nn.Module, image: torch.Tensor) -> float:
     with counter:
         network(image)
     network.train()
-    return counter.get_total_flops() / 1e9
+    return counter.get_total_flops() / 2e9
 
 
 def add_parser(sub) -> None:
@@ -192,6 +189,11 @@ def run(args: argparse.Namespace) -> int:
     unknown = [n for n in args.networks if n not in BASELINES and n not in list_networks()]
     if unknown:
         raise SystemExit(f"unknown network(s) {unknown}; see `nnunet-mamba list`")
+    dim = len(plan["patch_size"])
+    wrong_dim = [n for n in args.networks if n not in BASELINES and dim not in get_network_spec(n).dims]
+    if wrong_dim:
+        raise SystemExit(f"{', '.join(wrong_dim)}: not available in {dim}D (the plan's patch is "
+                         f"{plan['patch_size']}); see `nnunet-mamba list`")
     device = torch.device(args.device)
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
     print(f"device: {where} | plan: patch {plan['patch_size']}, batch {batch}, {args.classes} classes | "
@@ -199,13 +201,15 @@ def run(args: argparse.Namespace) -> int:
     rows = []
     for name in args.networks:
         rows.append(measure(name, plan, batch, args.classes, device, args.steps, args.warmup, args.compile))
+        if device.type == "cuda":
+            torch.cuda.empty_cache()  # the previous network is gone; start the next from a clean pool
     base = next((r for r in rows if r["network"] in BASELINES), None)
-    print(f"{'network':<16}{'params':>14}{'GFLOPs/img':>11}{'step ms':>10}{'x base':>8}{'peak GiB':>10}"
+    print(f"{'network':<16}{'params':>14}{'GMACs/img':>11}{'step ms':>10}{'x base':>8}{'peak GiB':>10}"
           f"{'x base':>8}{'infer ms':>10}  backend")
     for r in rows:
         time_ratio = f"{r['step_ms'] / base['step_ms']:.2f}" if base else "-"
         memory_ratio = f"{r['peak_gib'] / base['peak_gib']:.2f}" if base and device.type == "cuda" else "-"
-        print(f"{r['network']:<16}{r['params']:>14,}{r['gflops']:>11.1f}{r['step_ms']:>10.1f}{time_ratio:>8}"
+        print(f"{r['network']:<16}{r['params']:>14,}{r['gmacs']:>11.1f}{r['step_ms']:>10.1f}{time_ratio:>8}"
               f"{r['peak_gib']:>10.2f}{memory_ratio:>8}{r['infer_ms']:>10.1f}  {r['backend']}")
     if args.json:
         with open(args.json, "w") as f:

@@ -23,7 +23,7 @@ import shutil
 import sys
 import tempfile
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, Optional, Tuple
 
 import torch
 
@@ -211,14 +211,3 @@ def run(args: argparse.Namespace) -> int:
               f"-m {shlex.quote(str(result))} -f {' '.join(folds)}")
     return 0
 
-
-def main(argv: Optional[List[str]] = None) -> int:
-    """Stand-alone entry point (``python -m nnunet_mamba.cli.import_checkpoint``)."""
-    parser = argparse.ArgumentParser(prog="nnunet-mamba")
-    add_parser(parser.add_subparsers(dest="command"))
-    args = parser.parse_args([COMMAND, *(sys.argv[1:] if argv is None else argv)])
-    return args.func(args)
-
-
-if __name__ == "__main__":
-    sys.exit(main())

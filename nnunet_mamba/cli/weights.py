@@ -4,7 +4,6 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
-from typing import List, Optional
 
 from ..checkpoints import CheckpointError
 from ..pretrained import (WEIGHTS_DIR_ENV, DownloadError, download_weights, file_sha256, get_pretrained_spec,
@@ -48,14 +47,3 @@ def run(args: argparse.Namespace) -> int:
     print(f"sha256: {digest}{' (matches the pinned value)' if pinned else ''}")
     return 0
 
-
-def main(argv: Optional[List[str]] = None) -> int:
-    """Stand-alone entry point (``python -m nnunet_mamba.cli.weights``, ``pretrained/download_weights.py``)."""
-    parser = argparse.ArgumentParser(prog="nnunet-mamba")
-    add_parser(parser.add_subparsers(dest="command"))
-    args = parser.parse_args([COMMAND, *(sys.argv[1:] if argv is None else argv)])
-    return args.func(args)
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -48,7 +48,8 @@ class ResidualConvBlock(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.act1(self.norm1(self.conv1(x)))
         y = self.norm2(self.conv2(y))
-        return self.act2(y + self.conv3(x))
+        y += self.conv3(x)  # in place: saves one full-size activation per block (norm backward needs its input only)
+        return self.act2(y)
 
 
 class UpsampleConv(nn.Module):

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 from functools import lru_cache
-from typing import Optional, Union
+from typing import Union
 
 import torch
 import torch.nn.functional as F

@@ -1,8 +1,10 @@
 """Segmentation networks: pure PyTorch, importable without nnU-Net."""
 from .registry import NetworkSpec, create_network, get_network_spec, list_networks, plan_kwargs, register_network
+from .segresmamba import SegResMamba
 from .swin_umamba import SwinUMamba, SwinUMambaD, load_vmamba_encoder
 from .umamba import UMamba, UMambaBot, UMambaEnc
 from .vim_unet import ViMUNet
 
 __all__ = ["NetworkSpec", "create_network", "get_network_spec", "list_networks", "plan_kwargs", "register_network",
-           "SwinUMamba", "SwinUMambaD", "load_vmamba_encoder", "UMamba", "UMambaBot", "UMambaEnc", "ViMUNet"]
+           "SegResMamba", "SwinUMamba", "SwinUMambaD", "load_vmamba_encoder", "UMamba", "UMambaBot", "UMambaEnc",
+           "ViMUNet"]

@@ -26,13 +26,13 @@ original U-Mamba diverges to NaN when it runs under fp16 autocast.
 from __future__ import annotations
 
 import logging
-import math
 import os
 from functools import lru_cache
 from typing import Optional, Tuple, Union
 
 import torch
 import torch.nn.functional as F
+from torch._subclasses.fake_tensor import is_fake
 
 logger = logging.getLogger("nnunet_mamba")
 
@@ -230,14 +230,20 @@ class _TorchSelectiveScan(torch.autograd.Function):
         chunk = _chunk_length(batch * dim * n, length)
         h = u.new_zeros(batch, groups, dim // groups, n)
         y = torch.empty_like(u)
-        chunk_states = []
-        for start in range(0, length, chunk):
-            stop = min(start + chunk, length)
-            chunk_states.append(h)
-            dA, dBu = _chunk_terms(u, dt, A, B, start, stop, groups)
-            states = _linear_scan(dA, dBu, h)
-            y[..., start:stop] = _readout(states, C, start, stop).reshape(batch, dim, stop - start)
-            h = states[..., -1, :]
+        starts = range(0, length, chunk)
+        if is_fake(u):
+            # memory estimation (nnunet_mamba.planning) needs only the shapes of outputs and saved tensors;
+            # the chunk loop would cost seconds of fake-tensor dispatch per layer
+            chunk_states = [h] * len(starts)
+        else:
+            chunk_states = []
+            for start in starts:
+                stop = min(start + chunk, length)
+                chunk_states.append(h)
+                dA, dBu = _chunk_terms(u, dt, A, B, start, stop, groups)
+                states = _linear_scan(dA, dBu, h)
+                y[..., start:stop] = _readout(states, C, start, stop).reshape(batch, dim, stop - start)
+                h = states[..., -1, :]
         out = y if D is None else y + u * D[:, None]
         gated = out * F.silu(z) if z is not None else out
         ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, torch.stack(chunk_states))

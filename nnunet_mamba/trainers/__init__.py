@@ -1,5 +1,6 @@
 """nnU-Net trainers for our networks. Importing this module needs nnunetv2."""
 from .base import ShortRunMixin, nnUNetTrainerMamba, plans_network_kwargs
+from .segresmamba import nnUNetTrainerSegResMamba, nnUNetTrainerSegResMamba_demo
 from .swin_umamba import (nnUNetTrainerSwinUMamba, nnUNetTrainerSwinUMamba_demo, nnUNetTrainerSwinUMambaD,
                           nnUNetTrainerSwinUMambaD_demo, nnUNetTrainerSwinUMambaDScratch,
                           nnUNetTrainerSwinUMambaScratch)
@@ -7,7 +8,8 @@ from .umamba import (nnUNetTrainerUMambaBot, nnUNetTrainerUMambaBot_demo, nnUNet
                      nnUNetTrainerUMambaEnc_demo)
 from .vim_unet import nnUNetTrainerViMUNetSmall, nnUNetTrainerViMUNetTiny, nnUNetTrainerViMUNetTiny_demo
 
-__all__ = ["ShortRunMixin", "nnUNetTrainerMamba", "plans_network_kwargs", "nnUNetTrainerSwinUMamba",
+__all__ = ["ShortRunMixin", "nnUNetTrainerMamba", "plans_network_kwargs", "nnUNetTrainerSegResMamba",
+           "nnUNetTrainerSegResMamba_demo", "nnUNetTrainerSwinUMamba",
            "nnUNetTrainerSwinUMamba_demo", "nnUNetTrainerSwinUMambaD", "nnUNetTrainerSwinUMambaD_demo",
            "nnUNetTrainerSwinUMambaDScratch", "nnUNetTrainerSwinUMambaScratch", "nnUNetTrainerUMambaBot",
            "nnUNetTrainerUMambaBot_demo", "nnUNetTrainerUMambaEnc", "nnUNetTrainerUMambaEnc_demo",

@@ -10,7 +10,7 @@ from nnunetv2.utilities.plans_handling.plans_handler import ConfigurationManager
 from torch import nn
 
 from ..networks import create_network, get_network_spec, plan_kwargs
-from ..ops import requested_backend, resolve_backend
+from ..ops import resolve_backend
 
 def plans_network_kwargs(network_name: str, configuration_manager: ConfigurationManager) -> dict:
     """Constructor kwargs for ``network_name`` from a plans configuration (classes imported, patch size added)."""
@@ -63,15 +63,16 @@ class nnUNetTrainerMamba(nnUNetTrainer):
 
     def initialize(self) -> None:
         super().initialize()
-        backend = requested_backend()
-        resolved = resolve_backend(self.device, None if backend == "auto" else backend)
-        self.print_to_log_file(f"nnunet-mamba: network {self.network_name}, selective-scan backend '{resolved}'")
+        self.print_to_log_file(f"nnunet-mamba: network {self.network_name}, selective-scan backend "
+                               f"'{resolve_backend(self.device)}'")
 
     def _do_i_compile(self) -> bool:
-        # The selective scan is an opaque autograd.Function (mamba-ssm's extension, or our chunked scan), so
-        # torch.compile graph-breaks around every Mamba layer and pays long compile times for little gain.
-        # Compile only when asked for explicitly with nnUNet_compile=1.
-        if os.environ.get("nnUNet_compile", "").lower() in ("true", "1", "t"):
+        # With mamba-ssm's kernel the network compiles (dynamo breaks the graph only around the scan) and trains
+        # faster (U-Mamba Bot 2D on an H100: 53.5 ms vs 68.3 ms per step), so nnU-Net's default applies.
+        # Our pure-PyTorch scan loops over chunks in Python, which dynamo would unroll into very long compiles:
+        # off unless nnUNet_compile=1 asks for it.
+        explicit = os.environ.get("nnUNet_compile", "").lower()
+        if explicit or resolve_backend(self.device) == "cuda":
             return super()._do_i_compile()
         return False
 
