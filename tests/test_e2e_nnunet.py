@@ -70,7 +70,7 @@ def vmamba_weights(tmp_path_factory):
     return folder
 
 
-@pytest.mark.parametrize("trainer", TRAINERS[2] + TRAINERS[3])
+@pytest.mark.parametrize("trainer", list(dict.fromkeys(TRAINERS[2] + TRAINERS[3])))
 def test_train_and_predict_through_nnunet_cli(planned, trainer, vmamba_weights):
     dim, work, dataset_id, raw = planned
     if trainer not in TRAINERS[dim]:
@@ -111,3 +111,44 @@ def test_pretrained_trainer_without_weights_names_the_download_command(planned, 
     result = subprocess.run(["bash", "-c", script], capture_output=True, text=True, env=env, timeout=600)
     assert result.returncode != 0
     assert "nnunet-mamba download-weights vmamba-tiny" in result.stdout + result.stderr
+
+
+def test_plans_file_route_trains_and_predicts_with_nnunets_own_trainer(planned):
+    """`nnunet-mamba plan` writes plans naming U-Mamba Bot; nnU-Net's stock nnUNetTrainer_1epoch trains it on
+    nnU-Net's preprocessed data and nnUNetv2_predict -p predicts with it. The plans are hand-edited first (a narrow
+    3-stage network, a smaller patch, batch 1): that keeps the stock trainer's 250 + 50 iterations short on a CPU,
+    and the result shows the edits were honoured."""
+    import json
+    dim, work, dataset_id, raw = planned
+    config, plans_name = CONFIG[dim], "nnUNetMambaPlans_umamba_bot"
+    nnunet(work, "nnunet-mamba", "plan", "-d", str(dataset_id), "--arch", "umamba_bot", "-c", config)
+    plans_file = work / "preprocessed" / f"Dataset{dataset_id:03d}_E2E{dim}D" / f"{plans_name}.json"
+    plans = json.loads(plans_file.read_text())
+    cfg = plans["configurations"][config]
+    assert cfg["data_identifier"] == f"nnUNetPlans_{config}"  # nnU-Net's preprocessed data, no second preprocessing
+    assert cfg["architecture"]["network_class_name"] == "nnunet_mamba.networks.umamba.UMambaBot"
+    patch = [16, 24, 32][-dim:]  # multiples of the edited total stride, 4
+    cfg.update(patch_size=patch, batch_size=1)
+    cfg["architecture"]["arch_kwargs"].update(
+        n_stages=3, features_per_stage=[4, 8, 16], kernel_sizes=[[3] * dim] * 3, strides=[[1] * dim] + [[2] * dim] * 2,
+        n_conv_per_stage=[1, 1, 1], n_conv_per_stage_decoder=[1, 1], input_size=patch)
+    plans_file.write_text(json.dumps(plans, indent=2))
+
+    trainer = "nnUNetTrainer_1epoch"
+    nnunet(work, "nnUNetv2_train", str(dataset_id), config, "0", "-p", plans_name, "-tr", trainer, "-device", "cpu")
+    fold = work / "results" / f"Dataset{dataset_id:03d}_E2E{dim}D" / f"{trainer}__{plans_name}__{config}" / "fold_0"
+    weights = torch.load(fold / "checkpoint_final.pth", map_location="cpu", weights_only=False)["network_weights"]
+    assert any(key.endswith("A_log") for key in weights)  # the Mamba layer was trained
+    assert weights["encoder.stem.0.conv1.weight"].shape[0] == 4
+    assert {key.split(".")[2] for key in weights if key.startswith("encoder.stages.")} == {"0", "1", "2"}
+    assert json.loads((fold / "debug.json").read_text())["batch_size"] == "1"
+
+    out = work / "pred_plans_route"
+    nnunet(work, "nnUNetv2_predict", "-i", os.path.join(raw, "imagesTs"), "-o", str(out), "-d", str(dataset_id),
+           "-c", config, "-f", "0", "-tr", trainer, "-p", plans_name, "-device", "cpu", "--disable_tta", "-npp", "1",
+           "-nps", "1")
+    import SimpleITK as sitk
+    for case in sorted(os.listdir(os.path.join(raw, "labelsTs"))):
+        prediction = sitk.GetArrayFromImage(sitk.ReadImage(str(out / case)))
+        reference = sitk.GetArrayFromImage(sitk.ReadImage(os.path.join(raw, "labelsTs", case)))
+        assert prediction.shape == reference.shape

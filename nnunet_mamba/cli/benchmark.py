@@ -8,17 +8,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import pydoc
 import time
 from typing import Dict, List
 
 import torch
 from torch import nn
 
-from ..networks import create_network, get_network_spec, list_networks, plan_kwargs
+from ..networks import get_network_spec, list_networks, plan_kwargs, resolve_plan_imports
 from ..ops import resolve_backend
-
-BASELINES = {"plainconvunet": "dynamic_network_architectures.architectures.unet.PlainConvUNet"}
+from ..planning import BASELINES, build_network, estimate_training_memory_gib, training_loss
 
 
 def _stages(dim: int, n_stages: int, features: List[int]) -> dict:
@@ -49,33 +47,20 @@ def plan_from_file(plans_file: str, configuration: str) -> dict:
     except KeyError:
         raise SystemExit(f"configuration {configuration!r} not in {plans_file}: "
                          f"{', '.join(plans['configurations'])}") from None
-    arch = dict(config["architecture"]["arch_kwargs"])
-    for key in config["architecture"]["_kw_requires_import"]:
-        if arch.get(key) is not None:
-            arch[key] = pydoc.locate(arch[key])
-    return {"patch_size": config["patch_size"], "batch_size": config["batch_size"], "arch": arch}
+    arch = resolve_plan_imports(config["architecture"]["arch_kwargs"], config["architecture"]["_kw_requires_import"])
+    return {"patch_size": config["patch_size"], "batch_size": config["batch_size"], "arch": arch,
+            "network_class_name": config["architecture"]["network_class_name"]}
+
+
+def network_kwargs(name: str, plan: dict) -> dict:
+    """Constructor kwargs of network ``name`` for a benchmark plan."""
+    if name in BASELINES:
+        return {k: v for k, v in plan["arch"].items() if k != "n_blocks_per_stage"}
+    return plan_kwargs(name, plan["arch"], plan["patch_size"], plan.get("network_class_name"))
 
 
 def build(name: str, plan: dict, in_channels: int, classes: int) -> nn.Module:
-    if name in BASELINES:
-        arch = {k: v for k, v in plan["arch"].items() if k != "n_blocks_per_stage"}
-        return pydoc.locate(BASELINES[name])(input_channels=in_channels, num_classes=classes, deep_supervision=True,
-                                             **arch)
-    return create_network(name, input_channels=in_channels, num_classes=classes, deep_supervision=True,
-                          **plan_kwargs(name, plan["arch"], plan["patch_size"]))
-
-
-def _loss(num_outputs: int):
-    from nnunetv2.training.loss.compound_losses import DC_and_CE_loss
-    from nnunetv2.training.loss.deep_supervision import DeepSupervisionWrapper
-    from nnunetv2.training.loss.dice import MemoryEfficientSoftDiceLoss
-
-    weights = torch.tensor([1 / (2 ** i) for i in range(num_outputs)])
-    weights[-1] = 0 if num_outputs > 1 else weights[-1]
-    weights = weights / weights.sum()
-    loss = DC_and_CE_loss({"batch_dice": True, "smooth": 1e-5, "do_bg": False, "ddp": False}, {}, weight_ce=1,
-                          weight_dice=1, ignore_label=None, dice_class=MemoryEfficientSoftDiceLoss)
-    return DeepSupervisionWrapper(loss, weights.tolist())
+    return build_network(name, network_kwargs(name, plan), in_channels, classes)
 
 
 def measure(name: str, plan: dict, batch: int, classes: int, device: torch.device, steps: int, warmup: int,
@@ -91,7 +76,7 @@ def measure(name: str, plan: dict, batch: int, classes: int, device: torch.devic
     with torch.no_grad():
         shapes = [o.shape[2:] for o in network(x[:1])]
     targets = [torch.randint(0, classes, (batch, 1, *s), device=device).float() for s in shapes]
-    loss_fn = _loss(len(shapes))
+    loss_fn = training_loss(len(shapes))
 
     def step():
         optimizer.zero_grad(set_to_none=True)
@@ -177,6 +162,8 @@ def add_parser(sub) -> None:
     p.add_argument("--warmup", type=int, default=3, help="untimed steps first (default: %(default)s)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--compile", action="store_true", help="torch.compile each network")
+    p.add_argument("--estimate", action="store_true",
+                   help="also print the planner's CPU estimate of the peak memory (column est GiB)")
     p.add_argument("--json", help="also write the results to this file")
     p.set_defaults(func=run)
 
@@ -201,16 +188,20 @@ def run(args: argparse.Namespace) -> int:
     rows = []
     for name in args.networks:
         rows.append(measure(name, plan, batch, args.classes, device, args.steps, args.warmup, args.compile))
+        if args.estimate:
+            rows[-1]["est_gib"] = estimate_training_memory_gib(name, network_kwargs(name, plan), plan["patch_size"],
+                                                               batch, args.classes, 1)
         if device.type == "cuda":
             torch.cuda.empty_cache()  # the previous network is gone; start the next from a clean pool
     base = next((r for r in rows if r["network"] in BASELINES), None)
     print(f"{'network':<16}{'params':>14}{'GMACs/img':>11}{'step ms':>10}{'x base':>8}{'peak GiB':>10}"
-          f"{'x base':>8}{'infer ms':>10}  backend")
+          f"{'x base':>8}{'est GiB' if args.estimate else '':>9}{'infer ms':>10}  backend")
     for r in rows:
         time_ratio = f"{r['step_ms'] / base['step_ms']:.2f}" if base else "-"
         memory_ratio = f"{r['peak_gib'] / base['peak_gib']:.2f}" if base and device.type == "cuda" else "-"
+        estimate = f"{r['est_gib']:.2f}" if args.estimate else ""
         print(f"{r['network']:<16}{r['params']:>14,}{r['gmacs']:>11.1f}{r['step_ms']:>10.1f}{time_ratio:>8}"
-              f"{r['peak_gib']:>10.2f}{memory_ratio:>8}{r['infer_ms']:>10.1f}  {r['backend']}")
+              f"{r['peak_gib']:>10.2f}{memory_ratio:>8}{estimate:>9}{r['infer_ms']:>10.1f}  {r['backend']}")
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"device": where, "rows": rows}, f, indent=2)

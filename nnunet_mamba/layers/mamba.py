@@ -83,8 +83,11 @@ class Mamba(nn.Module):
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         if hidden_states.dim() != 3 or hidden_states.shape[-1] != self.d_model:
             raise ValueError(f"Mamba expects (batch, L, d_model={self.d_model}), got {tuple(hidden_states.shape)}")
-        length = hidden_states.shape[1]
-        xz = self.in_proj(hidden_states).transpose(1, 2)  # (batch, 2 * d_inner, L)
+        batch, length, _ = hidden_states.shape
+        # Projections are computed channels-first, (features, batch * L), so that x, z and dt come out with the
+        # sequence axis contiguous: the scan kernel and conv1d then need no copies of them (a full-size copy per
+        # tensor at 128^3 tokens).
+        xz = self._channels_first(self.in_proj, hidden_states.reshape(batch * length, -1), batch)
         A = -torch.exp(self.A_log.float())
         if self._use_fused(xz):
             return _fused_mamba_inner()(
@@ -93,9 +96,20 @@ class Mamba(nn.Module):
                 delta_bias=self.dt_proj.bias.float(), delta_softplus=True)
         x, z = xz.chunk(2, dim=1)
         x = F.silu(self.conv1d(x)[..., :length])
-        x_dbl = self.x_proj(x.transpose(1, 2))  # (batch, L, dt_rank + 2 N)
+        x_dbl = self.x_proj(x.transpose(1, 2).reshape(batch * length, self.d_inner))  # (batch * L, dt_rank + 2 N)
         dt, B, C = torch.split(x_dbl, [self.dt_rank, self.d_state, self.d_state], dim=-1)
-        dt = F.linear(dt, self.dt_proj.weight).transpose(1, 2)  # bias goes into the scan as delta_bias
-        y = selective_scan(x, dt, A, B.transpose(1, 2), C.transpose(1, 2), self.D.float(), z=z,
-                           delta_bias=self.dt_proj.bias.float(), delta_softplus=True)
+        dt = (self.dt_proj.weight @ dt.t()).view(self.d_inner, batch, length).transpose(0, 1)
+        B = B.view(batch, length, self.d_state).transpose(1, 2).contiguous()
+        C = C.view(batch, length, self.d_state).transpose(1, 2).contiguous()
+        # dt_proj's bias goes into the scan as delta_bias
+        y = selective_scan(x, dt, A, B, C, self.D.float(), z=z, delta_bias=self.dt_proj.bias.float(),
+                           delta_softplus=True)
         return self.out_proj(y.transpose(1, 2))
+
+    @staticmethod
+    def _channels_first(linear: nn.Linear, rows: torch.Tensor, batch: int) -> torch.Tensor:
+        """``linear`` applied to (batch * L, in) rows, returned as (batch, out, L) with L contiguous."""
+        out = linear.weight @ rows.t()  # (out, batch * L)
+        if linear.bias is not None:
+            out = out + linear.bias[:, None]
+        return out.view(out.shape[0], batch, -1).transpose(0, 1)

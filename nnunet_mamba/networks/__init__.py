@@ -1,10 +1,12 @@
 """Segmentation networks: pure PyTorch, importable without nnU-Net."""
-from .registry import NetworkSpec, create_network, get_network_spec, list_networks, plan_kwargs, register_network
+from .registry import (NetworkSpec, create_network, fixed_plan_strides, get_network_spec, list_networks, plan_kwargs,
+                       register_network, resolve_plan_imports, strides_for_scales)
 from .segresmamba import SegResMamba
 from .swin_umamba import SwinUMamba, SwinUMambaD, load_vmamba_encoder
 from .umamba import UMamba, UMambaBot, UMambaEnc
 from .vim_unet import ViMUNet
 
-__all__ = ["NetworkSpec", "create_network", "get_network_spec", "list_networks", "plan_kwargs", "register_network",
+__all__ = ["NetworkSpec", "create_network", "fixed_plan_strides", "get_network_spec", "list_networks", "plan_kwargs",
+           "register_network", "resolve_plan_imports", "strides_for_scales",
            "SegResMamba", "SwinUMamba", "SwinUMambaD", "load_vmamba_encoder", "UMamba", "UMambaBot", "UMambaEnc",
            "ViMUNet"]

@@ -38,20 +38,22 @@ instance-normalises a map at 1/32 of the patch). The network downsamples isotrop
 pool_op_kernel_sizes say, so its deep-supervision outputs are at strides
 ``SegResMamba.deep_supervision_strides`` (1, 2, 4, 8 on every axis), and a trainer must return
 ``SegResMamba.deep_supervision_scales`` (nnU-Net's format) from ``nnUNetTrainer._get_deep_supervision_scales``
-instead of the scales nnU-Net derives from the plans. Each output is cropped to exactly the size nnU-Net
-downsamples its targets to for those scales (``round(size * scale)``, see :meth:`SegResMamba.output_shapes`).
+instead of the scales nnU-Net derives from the plans (plans for nnU-Net's own trainer carry
+``strides = network.plan_strides``, from which it derives the same scales; other strides are refused). Each output
+is cropped to exactly the size nnU-Net downsamples its targets to for those scales (``round(size * scale)``, see
+:meth:`SegResMamba.output_shapes`).
 """
 from __future__ import annotations
 
 import math
-from typing import List, Sequence, Tuple, Union
+from typing import List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from ..layers.tom import ToM
-from .registry import register_network
+from .registry import fixed_plan_strides, register_network
 
 ENCODER_STRIDE = 16
 
@@ -160,8 +162,10 @@ class SegResMamba(nn.Module):
 
     def __init__(self, input_channels: int, num_classes: int, deep_supervision: bool = False,
                  encoder_width: int = 48, decoder_width: int = 96, d_state: int = 16, d_conv: int = 4,
-                 expand: int = 2) -> None:
+                 expand: int = 2, strides: Optional[Sequence] = None) -> None:
         super().__init__()
+        self.plan_strides = fixed_plan_strides("SegResMamba", self.deep_supervision_scales, (ENCODER_STRIDE,) * 3,
+                                               strides)
         for name, value in (("input_channels", input_channels), ("num_classes", num_classes),
                             ("encoder_width", encoder_width), ("decoder_width", decoder_width)):
             if not isinstance(value, int) or value < 1:

@@ -17,7 +17,8 @@ every resolution stay anchored at the image origin, like nnU-Net's downsampled d
 output at scale s (1, 1/2, 1/4, ...) is cropped to ``round(size * s)`` pixels, the size that nnU-Net's
 ``DownsampleSegForDSTransform`` gives the target of scale s (Python's round: halves to even). The scales are
 ``network.deep_supervision_scales``; the original trainers override ``_get_deep_supervision_scales`` with
-them, since they do not follow the plans' pooling.
+them, since they do not follow the plans' pooling. nnU-Net's own trainer derives them from the plans' strides
+instead: plans for it carry ``network.plan_strides`` (``nnunet-mamba plan``), and the network refuses others.
 
 ``load_vmamba_encoder`` copies an ImageNet VMamba-Tiny v0 checkpoint into either network's encoder.
 """
@@ -35,7 +36,7 @@ from timm.models import adapt_input_conv
 from torch import nn
 
 from ..layers.vss import FinalPatchExpand_X4, PatchExpand, VSSLayer, VSSMEncoder
-from .registry import register_network
+from .registry import fixed_plan_strides, register_network
 
 Output = Union[torch.Tensor, List[torch.Tensor]]
 
@@ -92,7 +93,7 @@ class _SwinUMambaBase(nn.Module):
     patch_embed_reads_image: bool
 
     def __init__(self, input_channels: int, num_classes: int, total_stride: int,
-                 deep_supervision_scales: Sequence[float]) -> None:
+                 deep_supervision_scales: Sequence[float], strides: Optional[Sequence] = None) -> None:
         super().__init__()
         if input_channels < 1 or num_classes < 1:
             raise ValueError(f"input_channels and num_classes must be positive, got {input_channels}, {num_classes}")
@@ -100,6 +101,8 @@ class _SwinUMambaBase(nn.Module):
         self.num_classes = num_classes
         self.total_stride = total_stride
         self.deep_supervision_scales = tuple(deep_supervision_scales)
+        self.plan_strides = fixed_plan_strides(type(self).__name__, self.deep_supervision_scales,
+                                               (total_stride, total_stride), strides)
 
     def _forward_padded(self, x: torch.Tensor) -> List[torch.Tensor]:
         """Head outputs for an input divisible by the total stride, highest resolution first."""
@@ -142,10 +145,11 @@ class SwinUMamba(_SwinUMambaBase):
 
     def __init__(self, input_channels: int, num_classes: int, deep_supervision: bool = False,
                  depths: Sequence[int] = (2, 2, 9, 2), embed_dim: int = 96, stem_channels: int = 48,
-                 d_state: int = 16, drop_path_rate: float = 0.2) -> None:
+                 d_state: int = 16, drop_path_rate: float = 0.2, strides: Optional[Sequence] = None) -> None:
         if len(depths) != 4:
             raise ValueError(f"Swin-UMamba has four VSS stages; depths must have 4 entries, got {list(depths)}")
-        super().__init__(input_channels, num_classes, total_stride=32, deep_supervision_scales=(1, 1 / 2, 1 / 4, 1 / 8))
+        super().__init__(input_channels, num_classes, total_stride=32, deep_supervision_scales=(1, 1 / 2, 1 / 4, 1 / 8),
+                         strides=strides)
         self.deep_supervision = deep_supervision
         feat = [stem_channels] + _stage_dims(embed_dim, 4)  # the original's feat_size; feat[4] is hidden_size
         self.stem = nn.Sequential(nn.Conv2d(input_channels, feat[0], kernel_size=7, stride=2, padding=3),
@@ -240,12 +244,13 @@ class SwinUMambaD(_SwinUMambaBase):
 
     def __init__(self, input_channels: int, num_classes: int, deep_supervision: bool = False,
                  depths: Sequence[int] = (2, 2, 9, 2), embed_dim: int = 96, d_state: int = 16,
-                 drop_path_rate: float = 0.2, decoder_drop_path_rate: float = 0.2) -> None:
+                 drop_path_rate: float = 0.2, decoder_drop_path_rate: float = 0.2,
+                 strides: Optional[Sequence] = None) -> None:
         if len(depths) < 2:
             raise ValueError(f"Swin-UMamba-dagger needs at least two VSS stages, got depths={list(depths)}")
         n = len(depths)
         super().__init__(input_channels, num_classes, total_stride=4 * 2 ** (n - 1),
-                         deep_supervision_scales=[1] + [1 / (4 * 2 ** i) for i in range(n - 1)])
+                         deep_supervision_scales=[1] + [1 / (4 * 2 ** i) for i in range(n - 1)], strides=strides)
         dims = _stage_dims(embed_dim, n)
         self.vssm_encoder = VSSMEncoder(input_channels, patch_size=4, depths=depths, dims=dims, d_state=d_state,
                                         drop_path_rate=drop_path_rate)

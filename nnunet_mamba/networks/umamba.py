@@ -2,7 +2,8 @@
 
 ``UMambaBot`` puts one Mamba layer on the bottleneck; ``UMambaEnc`` puts one after encoder stages, switching to
 channel tokens where a feature map has no more voxels than channels (so it needs the patch size,
-``input_size``). Constructor arguments are nnU-Net's architecture kwargs, so a plans file can name either class.
+``input_size``; Bot takes it too, to check the patch against the strides when built). Constructor arguments are
+nnU-Net's architecture kwargs, so a plans file can name either class.
 
 Faithful to the original, including what its state dicts record (see ``docs`` in the README):
 - encoder stages from ceil(n_stages / 2) on and decoder stages from ceil(n_stages / 2) - 1 on (except the
@@ -131,6 +132,8 @@ class UMamba(nn.Module):
         dim = conv_dim(conv_op)
         if norm_op is None or nonlin is None:
             raise ValueError("U-Mamba needs norm_op and nonlin (its residual blocks always normalise and activate)")
+        if n_stages < 2:  # with one stage the decoder would be empty and the network return nothing
+            raise ValueError(f"n_stages must be at least 2, got {n_stages}")
         features = _per_stage(features_per_stage, n_stages, "features_per_stage")
         kernel_sizes = [as_tuple(k, dim) for k in _per_stage(kernel_sizes, n_stages, "kernel_sizes")]
         strides = [as_tuple(s, dim) for s in _per_stage(strides, n_stages, "strides")]
@@ -150,6 +153,8 @@ class UMamba(nn.Module):
         self.conv_op = conv_op
         self.input_size = None if input_size is None else tuple(int(i) for i in input_size)
         self.total_stride = tuple(int(np.prod([s[d] for s in strides])) for d in range(dim))
+        if self.input_size is not None:
+            self._check_input_size(dim)
         mamba_kwargs = dict(d_state=d_state, d_conv=d_conv, expand=expand)
         conv_kwargs = dict(conv_bias=conv_bias, norm_op=norm_op, norm_op_kwargs=norm_op_kwargs,
                            dropout_op=dropout_op, dropout_op_kwargs=dropout_op_kwargs, nonlin=nonlin,
@@ -168,13 +173,21 @@ class UMamba(nn.Module):
                                      **conv_kwargs)
         self.apply(self.initialize)
 
+    def _check_input_size(self, dim: int) -> None:
+        """Catch a patch size the plans' strides cannot take when the network is built, not at the first batch."""
+        if len(self.input_size) != dim:
+            raise ValueError(f"input_size must have {dim} entries for {dim}D, got {self.input_size}")
+        if any(i % t for i, t in zip(self.input_size, self.total_stride)) or self.input_size == self.total_stride:
+            suggestion = [max(2, round(i / t)) * t for i, t in zip(self.input_size, self.total_stride)]
+            raise ValueError(f"patch_size (input_size) {list(self.input_size)} does not fit the plans' strides: it "
+                             f"must be a multiple of the total stride {list(self.total_stride)} on every axis and "
+                             f"larger than it on at least one, e.g. {suggestion}; or change strides/n_stages")
+
     def _encoder_mamba_layers(self, features, strides, dim, mamba_stages, mamba_kwargs):
         n_stages = len(features)
         if self.input_size is None:
             raise ValueError(f"{type(self).__name__} needs input_size (the patch size, e.g. the plans' patch_size): "
                              "its channel-token Mamba layers are sized from the feature-map sizes")
-        if len(self.input_size) != dim:
-            raise ValueError(f"input_size must have {dim} entries for {dim}D, got {self.input_size}")
         if mamba_stages is None:  # the original: 3D every stage; 2D every other stage, ending at the bottleneck
             mamba_stages = [dim == 3 or (n_stages - 1 - s) % 2 == 0 for s in range(n_stages)]
         elif len(mamba_stages) != n_stages:
@@ -223,13 +236,13 @@ class UMamba(nn.Module):
         return self.decoder(skips)
 
 
-@register_network("umamba_bot", dims=(2, 3),
+@register_network("umamba_bot", dims=(2, 3), sized_by_plans=True,
                   summary="U-Mamba Bot: residual U-Net, one Mamba layer at the bottleneck (Ma et al. 2024)")
 class UMambaBot(UMamba):
     placement = "bottleneck"
 
 
-@register_network("umamba_enc", dims=(2, 3), needs_input_size=True,
+@register_network("umamba_enc", dims=(2, 3), needs_input_size=True, sized_by_plans=True,
                   summary="U-Mamba Enc: residual U-Net, Mamba layers after encoder stages (Ma et al. 2024)")
 class UMambaEnc(UMamba):
     placement = "encoder"

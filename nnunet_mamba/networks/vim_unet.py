@@ -33,6 +33,8 @@ scales from ``pool_op_kernel_sizes`` of a convolutional U-Net (one per stage but
 which would not match. A trainer for this network must override it to return
 ``[list(s) for s in ViMUNet.deep_supervision_scales]`` when ``self.enable_deep_supervision`` and ``None``
 otherwise. nnU-Net then weights the four outputs 1, 1/2, 1/4 and 0 (it always zeroes the lowest), normalised.
+Plans for nnU-Net's own trainer (``nnunet-mamba plan``) instead carry ``strides = network.plan_strides``, from
+which that formula gives exactly these scales; the network refuses other strides.
 
 Parameter parity with the paper's models (torch-em at paper time, ``out_channels=2``): 18,499,690 (Tiny) and
 39,175,018 (Small). Those counts decompose exactly into: VisionMamba with its defaults ``channels=3`` (torch-em
@@ -67,7 +69,7 @@ from torch import nn
 
 from ..layers.bimamba import RMSNorm, ViMBlock
 from ..layers.blocks import conv_dim
-from .registry import register_network
+from .registry import fixed_plan_strides, register_network
 
 PATCH_SIZE = 16
 # Decoder channels from 1/16 to full resolution: torch-em's UNETR with initial_features=64, gain=2, depth=3.
@@ -190,7 +192,8 @@ class ViMUNet(nn.Module):
 
     def __init__(self, input_channels: int, num_classes: int, deep_supervision: bool = False,
                  input_size: Optional[Sequence[int]] = None, embed_dim: int = 192, depth: int = 24,
-                 drop_path_rate: float = 0.1, conv_op: Optional[Type[nn.Module]] = None) -> None:
+                 drop_path_rate: float = 0.1, conv_op: Optional[Type[nn.Module]] = None,
+                 strides: Optional[Sequence] = None) -> None:
         super().__init__()
         if conv_op is not None and conv_dim(conv_op) != 2:
             raise ValueError(f"ViM-UNet is 2D only (Vision Mamba patch embedding and 2D decoder); got conv_op="
@@ -202,6 +205,8 @@ class ViMUNet(nn.Module):
             raise ValueError(f"ViM-UNet is 2D only; input_size must have 2 entries, got {tuple(input_size)}")
         if any(int(s) < 1 for s in input_size):
             raise ValueError(f"input_size must be positive, got {tuple(input_size)}")
+        self.plan_strides = fixed_plan_strides("ViMUNet", self.deep_supervision_scales, (PATCH_SIZE, PATCH_SIZE),
+                                               strides)
         self.input_channels = input_channels
         self.num_classes = num_classes
         self.input_size = tuple(int(s) for s in input_size)

@@ -132,8 +132,11 @@ def selective_scan(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: tor
     state (batch, dim, N) in float32. ``backend`` overrides ``NNUNET_MAMBA_BACKEND`` for this call.
     """
     _check_shapes(u, delta, A, B, C, D, z, delta_bias)
-    name = resolve_backend(u.device, backend)
-    _announce(name, u.device)
+    if is_fake(u):  # memory estimation (nnunet_mamba.planning): shapes only, whatever backend is configured
+        name = "torch"
+    else:
+        name = resolve_backend(u.device, backend)
+        _announce(name, u.device)
     with torch.autocast(device_type=u.device.type, enabled=False):
         if name == "cuda":
             fn, _ = _mamba_ssm_scan()

@@ -2,32 +2,29 @@
 from __future__ import annotations
 
 import os
-import pydoc
 
 import torch
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 from nnunetv2.utilities.plans_handling.plans_handler import ConfigurationManager, PlansManager
 from torch import nn
 
-from ..networks import create_network, get_network_spec, plan_kwargs
+from ..networks import create_network, get_network_spec, plan_kwargs, resolve_plan_imports
 from ..ops import resolve_backend
 
 def plans_network_kwargs(network_name: str, configuration_manager: ConfigurationManager) -> dict:
     """Constructor kwargs for ``network_name`` from a plans configuration (classes imported, patch size added)."""
-    kwargs = dict(configuration_manager.network_arch_init_kwargs)
-    for key in configuration_manager.network_arch_init_kwargs_req_import:
-        if isinstance(kwargs.get(key), str):
-            located = pydoc.locate(kwargs[key])
-            if located is None:
-                raise ValueError(f"plans field architecture.arch_kwargs.{key}={kwargs[key]!r} cannot be imported")
-            kwargs[key] = located
-    return plan_kwargs(network_name, kwargs, configuration_manager.patch_size)
+    kwargs = resolve_plan_imports(configuration_manager.network_arch_init_kwargs,
+                                  configuration_manager.network_arch_init_kwargs_req_import)
+    return plan_kwargs(network_name, kwargs, configuration_manager.patch_size,
+                       configuration_manager.network_arch_class_name)
 
 
 class nnUNetTrainerMamba(nnUNetTrainer):
     """Base class of our trainers; subclasses set ``network_name`` (a name in :func:`nnunet_mamba.list_networks`)."""
 
     network_name: str = ""
+    # constructor kwargs that take precedence over the plans (e.g. narrower widths for smoke-test variants)
+    network_overrides: dict = {}
 
     @classmethod
     def build_network_architecture(cls, plans_manager: PlansManager, configuration_manager: ConfigurationManager,
@@ -39,7 +36,7 @@ class nnUNetTrainerMamba(nnUNetTrainer):
             raise ValueError(f"{cls.__name__} builds {spec.name}, which supports {' and '.join(f'{d}D' for d in spec.dims)} "
                              f"configurations only; this configuration has a {dim}D patch size "
                              f"{list(configuration_manager.patch_size)}")
-        kwargs = plans_network_kwargs(cls.network_name, configuration_manager)
+        kwargs = {**plans_network_kwargs(cls.network_name, configuration_manager), **cls.network_overrides}
         return create_network(cls.network_name, input_channels=num_input_channels, num_classes=num_output_channels,
                               deep_supervision=enable_deep_supervision, **kwargs)
 
@@ -67,12 +64,11 @@ class nnUNetTrainerMamba(nnUNetTrainer):
                                f"'{resolve_backend(self.device)}'")
 
     def _do_i_compile(self) -> bool:
-        # With mamba-ssm's kernel the network compiles (dynamo breaks the graph only around the scan) and trains
-        # faster (U-Mamba Bot 2D on an H100: 53.5 ms vs 68.3 ms per step), so nnU-Net's default applies.
-        # Our pure-PyTorch scan loops over chunks in Python, which dynamo would unroll into very long compiles:
-        # off unless nnUNet_compile=1 asks for it.
-        explicit = os.environ.get("nnUNet_compile", "").lower()
-        if explicit or resolve_backend(self.device) == "cuda":
+        # Measured on an H100 with mamba-ssm: U-Mamba Bot compiles and gets faster (53.5 vs 68.3 ms per 2D step),
+        # but U-Mamba Enc and Swin-UMamba were still recompiling after 150 s (dynamo breaks the graph at every
+        # scan and re-specialises on the sequence lengths), and our pure-PyTorch scan's chunk loop would be
+        # unrolled. So compilation is opt-in: nnUNet_compile=1.
+        if os.environ.get("nnUNet_compile", "").lower() in ("true", "1", "t"):
             return super()._do_i_compile()
         return False
 

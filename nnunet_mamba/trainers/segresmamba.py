@@ -7,4 +7,5 @@ class nnUNetTrainerSegResMamba(nnUNetTrainerMamba):
 
 
 class nnUNetTrainerSegResMamba_demo(ShortRunMixin, nnUNetTrainerSegResMamba):
-    pass
+    # the full-width network (77M parameters) takes many minutes per 3D smoke test on a CPU
+    network_overrides = {"encoder_width": 8, "decoder_width": 16}
