@@ -3,6 +3,7 @@ import os
 import pydoc
 
 import pytest
+import torch
 
 REFERENCE = os.path.join(os.path.dirname(__file__), "reference")
 
@@ -25,3 +26,12 @@ def manifest_kwargs(manifest: dict) -> dict:
 @pytest.fixture
 def manifest():
     return load_manifest
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Small networks gain nothing from threads, and on a busy 2-core machine OpenMP's spinning makes them slow."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

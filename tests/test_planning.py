@@ -29,13 +29,8 @@ CLASSES = 3  # dataset.json below: background + 2 labels
 scan_module = importlib.import_module("nnunet_mamba.ops.selective_scan")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # small networks gain nothing from threads, and on a busy 2-core machine OpenMP's spinning makes them slow
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+# small networks: one thread (see conftest.one_thread)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def unet_arch(dim: int, features) -> dict:

@@ -17,13 +17,8 @@ FULL_WIDTH_PARAMETERS = 76_805_576
 SHAPE = (3, 4, 5)  # distinct sizes, so a mixed-up axis shows
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # tiny networks gain nothing from threads, and on a busy 2-core machine OpenMP's spinning makes them slow
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+# small networks: one thread (see conftest.one_thread)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny(deep_supervision: bool = True, **kwargs) -> SegResMamba:

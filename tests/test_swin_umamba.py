@@ -21,13 +21,8 @@ SMALL = {SwinUMamba: dict(depths=(1, 1, 1, 1), embed_dim=16, stem_channels=8),
          SwinUMambaD: dict(depths=(1, 1, 1, 1), embed_dim=16)}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # On a few shared cores, one thread avoids OpenMP contention (an order of magnitude faster here).
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+# small networks: one thread (see conftest.one_thread)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
