@@ -42,6 +42,8 @@ class PretrainedSpec:
     urls: Tuple[str, ...]
     manifest: str  # file under nnunet_mamba/data/: a JSON list of [key, shape] pairs of the weights
     sha256: Optional[str] = None  # pinned once known; until then files are checked by their layout only
+    # digests reported elsewhere for some upload of the file, not verified here: shown, never enforced
+    reported_sha256: Tuple[str, ...] = ()
     model_key: str = "model"  # the weights' entry in the checkpoint dict; other entries are ignored
     inert_globals: Tuple[str, ...] = ()  # classes pickled beside the weights, loaded as plain dicts
     description: str = ""
@@ -89,6 +91,10 @@ register_pretrained(PretrainedSpec(
     # Early uploads pickle the yacs training config beside the weights; loading it as a plain dict needs neither
     # yacs nor unrestricted unpickling.
     inert_globals=("yacs.config.CfgNode",),
+    # Not pinned: the release was re-uploaded (with and without the config), so no single digest is authoritative,
+    # and no machine of ours could download it. A third-party provisioning guide records this digest for the
+    # #v0cls upload (91,649,482 bytes); `download-weights` says whether a file matches it.
+    reported_sha256=("dbc0cc4f5ec0e45db5fba7c939d2c7d9b617e891ac10766912a8d604c37c5e47",),
     description="VMamba-T v0, ImageNet-1k (82.2% top-1): the encoder initialisation of Swin-UMamba",
 ))
 

@@ -59,6 +59,33 @@ def test_benchmark_runs_on_cpu(capsys, tmp_path):
     assert rows[1]["params"] == 47533012 and rows[1]["step_ms"] > 0
 
 
+def test_benchmark_writes_table_csv_and_plot_with_median_of_passes(capsys, tmp_path):
+    prefix = str(tmp_path / "bench")
+    assert main(["benchmark", "plainconvunet", "umamba_bot", "--preset", "2d_320", "--patch", "128", "128",
+                 "--batch", "1", "--steps", "1", "--warmup", "0", "--device", "cpu", "--repeats", "3",
+                 "--out", prefix]) == 0
+    assert "median of 3 interleaved passes" in capsys.readouterr().out
+    table = (tmp_path / "bench.md").read_text().splitlines()
+    assert table[1].startswith("| network | params |") and len(table) == 5
+    assert table[4].startswith("| umamba_bot | ")
+    import csv
+    rows = list(csv.DictReader((tmp_path / "bench.csv").open()))
+    assert [r["network"] for r in rows] == ["plainconvunet", "umamba_bot"]
+    assert float(rows[0]["step_ratio"]) == 1.0
+    assert (tmp_path / "bench.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_benchmark_all_takes_the_networks_of_the_plans_dimension():
+    import argparse
+
+    from nnunet_mamba.cli.benchmark import _networks
+    from nnunet_mamba.networks import get_network_spec
+    names_3d = _networks(argparse.Namespace(all=True, networks=[]), 3)
+    assert names_3d[0] == "plainconvunet" and "segresmamba" in names_3d and "swin_umamba" not in names_3d
+    assert all(3 in get_network_spec(n).dims for n in names_3d[1:])
+    assert "swin_umamba" in _networks(argparse.Namespace(all=True, networks=[]), 2)
+
+
 def test_benchmark_rejects_unknown_network():
     with pytest.raises(SystemExit, match="unknown network"):
         main(["benchmark", "no_such_net", "--device", "cpu"])

@@ -11,8 +11,8 @@ from nnunet_mamba.ops import selective_scan_reference
 
 def test_parameter_names_and_shapes_match_mamba_ssm():
     # mamba_layer.mamba.* in the U-Mamba Bot manifest is a mamba_ssm Mamba(d_model=512)
-    reference = [(k[len("mamba_layer.mamba."):], tuple(s)) for k, s in load_manifest("umamba_bot_2d_plan320")["state_dict"]
-                 if k.startswith("mamba_layer.mamba.")]
+    manifest = load_manifest("umamba_bot_2d_plan320")["state_dict"]
+    reference = [(k[len("mamba_layer.mamba."):], tuple(s)) for k, s in manifest if k.startswith("mamba_layer.mamba.")]
     ours = [(k, tuple(v.shape)) for k, v in Mamba(512).state_dict().items()]
     assert ours == reference
 

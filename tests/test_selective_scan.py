@@ -111,7 +111,8 @@ def test_backend_selection(monkeypatch):
 
 
 def test_forcing_cuda_without_mamba_ssm_fails_clearly(monkeypatch):
-    monkeypatch.setattr(scan_module, "_mamba_ssm_scan", lambda: (None, "ModuleNotFoundError: No module named 'mamba_ssm'"))
+    missing = (None, "ModuleNotFoundError: No module named 'mamba_ssm'")
+    monkeypatch.setattr(scan_module, "_mamba_ssm_scan", lambda: missing)
     monkeypatch.setenv("NNUNET_MAMBA_BACKEND", "cuda")
     inputs = make_inputs(dtype=torch.float32)
     with pytest.raises(BackendUnavailableError, match="mamba-ssm cannot be imported.*NNUNET_MAMBA_BACKEND=torch"):

@@ -77,3 +77,17 @@ def test_resenc_plans_block_counts_are_accepted():
     plans = PlansManager(plans_dict)
     network = nnUNetTrainerUMambaBot.build_network_architecture(plans, plans.get_configuration("cfg"), 1, 14, True)
     assert sum(p.numel() for p in network.parameters()) == 47533012
+
+
+def test_amp_dtype_from_the_environment(monkeypatch):
+    from nnunet_mamba.trainers.base import AMP_DTYPE_ENV, amp_dtype
+
+    monkeypatch.delenv(AMP_DTYPE_ENV, raising=False)
+    assert amp_dtype() is torch.float16
+    monkeypatch.setenv(AMP_DTYPE_ENV, "bf16")
+    assert amp_dtype() is torch.bfloat16
+    monkeypatch.setenv(AMP_DTYPE_ENV, "BFloat16")
+    assert amp_dtype() is torch.bfloat16
+    monkeypatch.setenv(AMP_DTYPE_ENV, "fp8")
+    with pytest.raises(ValueError, match="NNUNET_MAMBA_AMP_DTYPE='fp8'"):
+        amp_dtype()

@@ -7,12 +7,16 @@ papers) or from a real nnU-Net plans file, with nnU-Net's PlainConvUNet availabl
 from __future__ import annotations
 
 import argparse
+import csv
 import json
+import math
+import statistics
 import time
 from typing import Dict, List
 
 import torch
 from torch import nn
+from tqdm import tqdm
 
 from ..networks import get_network_spec, list_networks, plan_kwargs, resolve_plan_imports
 from ..ops import resolve_backend
@@ -152,6 +156,8 @@ def add_parser(sub) -> None:
     p = sub.add_parser("benchmark", help="training-step time, peak memory and parameters of networks")
     p.add_argument("networks", nargs="*", default=["plainconvunet", "umamba_bot", "umamba_enc"],
                    help=f"names from `nnunet-mamba list` or baselines {sorted(BASELINES)} (default: %(default)s)")
+    p.add_argument("--all", action="store_true",
+                   help="every registered network available in the plan's dimension, after PlainConvUNet")
     p.add_argument("--preset", choices=sorted(PRESETS), default="2d_320", help="plan preset (default: %(default)s)")
     p.add_argument("--plans", help="an nnU-Net plans.json to take the plan from instead of a preset")
     p.add_argument("-c", "--configuration", default="2d", help="configuration in --plans (default: %(default)s)")
@@ -160,12 +166,97 @@ def add_parser(sub) -> None:
     p.add_argument("--classes", type=int, default=14, help="output classes (default: %(default)s)")
     p.add_argument("--steps", type=int, default=10, help="timed steps (default: %(default)s)")
     p.add_argument("--warmup", type=int, default=3, help="untimed steps first (default: %(default)s)")
+    p.add_argument("--repeats", type=int, default=1,
+                   help="measure the list this many times, networks interleaved, and report medians: GPU clocks "
+                        "drift by 20%% within minutes, so ratios from one pass can mislead (default: %(default)s)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--compile", action="store_true", help="torch.compile each network")
     p.add_argument("--estimate", action="store_true",
                    help="also print the planner's CPU estimate of the peak memory (column est GiB)")
     p.add_argument("--json", help="also write the results to this file")
+    p.add_argument("--out", metavar="PREFIX",
+                   help="also write PREFIX.md (Markdown table), PREFIX.csv and PREFIX.png (time and memory plot)")
     p.set_defaults(func=run)
+
+
+def _networks(args: argparse.Namespace, dim: int) -> List[str]:
+    if args.all:
+        return ["plainconvunet"] + [n for n in list_networks() if dim in get_network_spec(n).dims]
+    unknown = [n for n in args.networks if n not in BASELINES and n not in list_networks()]
+    if unknown:
+        raise SystemExit(f"unknown network(s) {unknown}; see `nnunet-mamba list`")
+    wrong_dim = [n for n in args.networks if n not in BASELINES and dim not in get_network_spec(n).dims]
+    if wrong_dim:
+        raise SystemExit(f"{', '.join(wrong_dim)}: not available in {dim}D; see `nnunet-mamba list`")
+    return list(args.networks)
+
+
+def _median_rows(passes: List[List[dict]]) -> List[dict]:
+    """One row per network: the median of each timing over the passes (peak memory and counts do not vary)."""
+    rows = []
+    for per_pass in zip(*passes):
+        row = dict(per_pass[0])
+        for key in ("step_ms", "infer_ms"):
+            row[key] = statistics.median(r[key] for r in per_pass)
+        row["step_ms_all"] = [round(r["step_ms"], 2) for r in per_pass]
+        rows.append(row)
+    return rows
+
+
+COLUMNS = [("network", "network"), ("params", "params"), ("gmacs", "GMACs/img"), ("step_ms", "step ms"),
+           ("step_ratio", "x base"), ("peak_gib", "peak GiB"), ("peak_ratio", "x base"), ("est_gib", "est GiB"),
+           ("infer_ms", "infer ms"), ("backend", "backend")]
+
+
+def _table_rows(rows: List[dict]) -> List[dict]:
+    """Rows with the ratios to the baseline (the first baseline in the list) filled in."""
+    base = next((r for r in rows if r["network"] in BASELINES), None)
+    out = []
+    for r in rows:
+        r = dict(r)
+        r["step_ratio"] = r["step_ms"] / base["step_ms"] if base else float("nan")
+        r["peak_ratio"] = r["peak_gib"] / base["peak_gib"] if base else float("nan")
+        out.append(r)
+    return out
+
+
+def _format(key: str, value) -> str:
+    if isinstance(value, float):
+        if math.isnan(value):
+            return "-"
+        return f"{value:.2f}" if key.endswith(("ratio", "gib")) else f"{value:.1f}"
+    return f"{value:,}" if isinstance(value, int) else str(value)
+
+
+def write_outputs(prefix: str, rows: List[dict], header: str) -> List[str]:
+    """PREFIX.md, PREFIX.csv and PREFIX.png for the table rows; returns the paths written."""
+    columns = [(k, t) for k, t in COLUMNS if any(k in r for r in rows)]
+    md = [f"<!-- {header} -->", "| " + " | ".join(t for _, t in columns) + " |",
+          "|" + "---|" * len(columns)]
+    md += ["| " + " | ".join(_format(k, r.get(k, float("nan"))) for k, _ in columns) + " |" for r in rows]
+    with open(prefix + ".md", "w") as f:
+        f.write("\n".join(md) + "\n")
+    with open(prefix + ".csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=[k for k, _ in columns], extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(rows)
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 0.45 * len(rows) + 1.8), sharey=True)
+    names = [r["network"] for r in rows][::-1]
+    for ax, key, label in ((axes[0], "step_ms", "training step (ms)"), (axes[1], "peak_gib", "peak memory (GiB)")):
+        values = [r[key] for r in rows][::-1]
+        ax.barh(names, values, color=["0.6" if n in BASELINES else "C0" for n in names])
+        ax.set_xlabel(label)
+        for y, v in enumerate(values):
+            ax.annotate(f"{v:.1f}", (v, y), xytext=(3, 0), textcoords="offset points", va="center", fontsize=8)
+    fig.suptitle(header, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(prefix + ".png", dpi=120)
+    plt.close(fig)
+    return [prefix + ".md", prefix + ".csv", prefix + ".png"]
 
 
 def run(args: argparse.Namespace) -> int:
@@ -173,36 +264,40 @@ def run(args: argparse.Namespace) -> int:
     if args.patch:
         plan["patch_size"] = args.patch
     batch = args.batch or plan["batch_size"]
-    unknown = [n for n in args.networks if n not in BASELINES and n not in list_networks()]
-    if unknown:
-        raise SystemExit(f"unknown network(s) {unknown}; see `nnunet-mamba list`")
     dim = len(plan["patch_size"])
-    wrong_dim = [n for n in args.networks if n not in BASELINES and dim not in get_network_spec(n).dims]
-    if wrong_dim:
-        raise SystemExit(f"{', '.join(wrong_dim)}: not available in {dim}D (the plan's patch is "
-                         f"{plan['patch_size']}); see `nnunet-mamba list`")
+    names = _networks(args, dim)
     device = torch.device(args.device)
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
-    print(f"device: {where} | plan: patch {plan['patch_size']}, batch {batch}, {args.classes} classes | "
-          f"{'fp16 autocast' if device.type == 'cuda' else 'fp32'}{', compiled' if args.compile else ''}")
-    rows = []
-    for name in args.networks:
-        rows.append(measure(name, plan, batch, args.classes, device, args.steps, args.warmup, args.compile))
-        if args.estimate:
-            rows[-1]["est_gib"] = estimate_training_memory_gib(name, network_kwargs(name, plan), plan["patch_size"],
-                                                               batch, args.classes, 1)
-        if device.type == "cuda":
-            torch.cuda.empty_cache()  # the previous network is gone; start the next from a clean pool
-    base = next((r for r in rows if r["network"] in BASELINES), None)
-    print(f"{'network':<16}{'params':>14}{'GMACs/img':>11}{'step ms':>10}{'x base':>8}{'peak GiB':>10}"
-          f"{'x base':>8}{'est GiB' if args.estimate else '':>9}{'infer ms':>10}  backend")
+    header = (f"device: {where} | plan: patch {plan['patch_size']}, batch {batch}, {args.classes} classes | "
+              f"{'fp16 autocast' if device.type == 'cuda' else 'fp32'}{', compiled' if args.compile else ''}"
+              f"{f' | median of {args.repeats} interleaved passes' if args.repeats > 1 else ''}")
+    print(header)
+    passes = []
+    for _ in tqdm(range(args.repeats), desc="passes", disable=args.repeats == 1):
+        passes.append([])
+        for name in names:
+            passes[-1].append(measure(name, plan, batch, args.classes, device, args.steps, args.warmup,
+                                      args.compile))
+            if device.type == "cuda":
+                torch.cuda.empty_cache()  # the previous network is gone; start the next from a clean pool
+    rows = _median_rows(passes)
+    if args.estimate:
+        for r in rows:
+            r["est_gib"] = estimate_training_memory_gib(r["network"], network_kwargs(r["network"], plan),
+                                                        plan["patch_size"], batch, args.classes, 1)
+    rows = _table_rows(rows)
+    columns = [(k, t) for k, t in COLUMNS if any(k in r for r in rows)]
+    widths = {k: max(len(t), *(len(_format(k, r.get(k, float("nan")))) for r in rows)) + 2 for k, t in columns}
+    def line(cells: List[str]) -> str:
+        return " ".join(c.ljust(widths[k]) if k in ("network", "backend") else c.rjust(widths[k])
+                        for (k, _), c in zip(columns, cells)).rstrip()
+
+    print(line([t for _, t in columns]))
     for r in rows:
-        time_ratio = f"{r['step_ms'] / base['step_ms']:.2f}" if base else "-"
-        memory_ratio = f"{r['peak_gib'] / base['peak_gib']:.2f}" if base and device.type == "cuda" else "-"
-        estimate = f"{r['est_gib']:.2f}" if args.estimate else ""
-        print(f"{r['network']:<16}{r['params']:>14,}{r['gmacs']:>11.1f}{r['step_ms']:>10.1f}{time_ratio:>8}"
-              f"{r['peak_gib']:>10.2f}{memory_ratio:>8}{estimate:>9}{r['infer_ms']:>10.1f}  {r['backend']}")
+        print(line([_format(k, r.get(k, float("nan"))) for k, _ in columns]))
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"device": where, "rows": rows}, f, indent=2)
+            json.dump({"device": where, "header": header, "rows": rows}, f, indent=2)
+    if args.out:
+        print("wrote " + ", ".join(write_outputs(args.out, rows, header)))
     return 0

@@ -43,7 +43,15 @@ def run(args: argparse.Namespace) -> int:
         print(f"{args.name}: already present and verified (--force replaces it)", file=sys.stderr)
     print(f"{args.name}: {path}")
     digest = file_sha256(path)
-    pinned = get_pretrained_spec(args.name).sha256
-    print(f"sha256: {digest}{' (matches the pinned value)' if pinned else ''}")
+    spec = get_pretrained_spec(args.name)
+    if spec.sha256:
+        note = " (matches the pinned value)"
+    elif spec.reported_sha256:
+        note = (" (matches the digest reported for a published upload)" if digest in spec.reported_sha256 else
+                " (differs from the digest reported for one published upload; the release was re-uploaded, and "
+                "the file's keys and shapes are verified)")
+    else:
+        note = ""
+    print(f"sha256: {digest}{note}")
     return 0
 

@@ -212,7 +212,8 @@ class UMamba(nn.Module):
     def check_input(self, x: torch.Tensor) -> None:
         dim = len(self.total_stride)
         if x.dim() != dim + 2:
-            raise ValueError(f"{type(self).__name__} ({dim}D) expects input (batch, channels, {'x, y, z' if dim == 3 else 'x, y'}), "
+            axes = "x, y, z" if dim == 3 else "x, y"
+            raise ValueError(f"{type(self).__name__} ({dim}D) expects input (batch, channels, {axes}), "
                              f"got shape {tuple(x.shape)}")
         if x.shape[1] != self.input_channels:
             raise ValueError(f"expected {self.input_channels} input channels, got {x.shape[1]}")

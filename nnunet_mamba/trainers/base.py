@@ -11,6 +11,19 @@ from torch import nn
 from ..networks import create_network, get_network_spec, plan_kwargs, resolve_plan_imports
 from ..ops import resolve_backend
 
+AMP_DTYPE_ENV = "NNUNET_MAMBA_AMP_DTYPE"
+_AMP_DTYPES = {"float16": torch.float16, "fp16": torch.float16, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
+
+
+def amp_dtype() -> torch.dtype:
+    """The autocast dtype our trainers train with on CUDA: ``NNUNET_MAMBA_AMP_DTYPE=float16`` (nnU-Net's default)
+    or ``bfloat16`` (no loss scaling needed: bf16 has float32's exponent range)."""
+    value = os.environ.get(AMP_DTYPE_ENV, "float16").strip().lower() or "float16"
+    if value not in _AMP_DTYPES:
+        raise ValueError(f"{AMP_DTYPE_ENV}={value!r}: expected one of {', '.join(_AMP_DTYPES)}")
+    return _AMP_DTYPES[value]
+
+
 def plans_network_kwargs(network_name: str, configuration_manager: ConfigurationManager) -> dict:
     """Constructor kwargs for ``network_name`` from a plans configuration (classes imported, patch size added)."""
     kwargs = resolve_plan_imports(configuration_manager.network_arch_init_kwargs,
@@ -33,7 +46,8 @@ class nnUNetTrainerMamba(nnUNetTrainer):
         spec = get_network_spec(cls.network_name)
         dim = len(configuration_manager.patch_size)
         if dim not in spec.dims:
-            raise ValueError(f"{cls.__name__} builds {spec.name}, which supports {' and '.join(f'{d}D' for d in spec.dims)} "
+            supported = " and ".join(f"{d}D" for d in spec.dims)
+            raise ValueError(f"{cls.__name__} builds {spec.name}, which supports {supported} "
                              f"configurations only; this configuration has a {dim}D patch size "
                              f"{list(configuration_manager.patch_size)}")
         kwargs = {**plans_network_kwargs(cls.network_name, configuration_manager), **cls.network_overrides}
@@ -62,6 +76,16 @@ class nnUNetTrainerMamba(nnUNetTrainer):
         super().initialize()
         self.print_to_log_file(f"nnunet-mamba: network {self.network_name}, selective-scan backend "
                                f"'{resolve_backend(self.device)}'")
+
+    def on_train_start(self) -> None:
+        # nnU-Net's train/validation steps call autocast without a dtype, so they take the device's default one
+        dtype = amp_dtype()
+        if self.device.type == "cuda" and dtype != torch.get_autocast_dtype("cuda"):
+            torch.set_autocast_dtype("cuda", dtype)
+            if dtype == torch.bfloat16:
+                self.grad_scaler = None  # nnU-Net's steps then call backward() and step() directly
+        self.print_to_log_file(f"nnunet-mamba: autocast dtype {dtype if self.device.type == 'cuda' else 'off (CPU)'}")
+        super().on_train_start()
 
     def _do_i_compile(self) -> bool:
         # Measured on an H100 with mamba-ssm: U-Mamba Bot compiles and gets faster (53.5 vs 68.3 ms per 2D step),
