@@ -1,6 +1,11 @@
-"""Low-level operators: the selective scan and its backends."""
-from .selective_scan import (BACKEND_ENV, BACKENDS, BackendUnavailableError, cuda_backend_status, requested_backend,
-                             resolve_backend, selective_scan, selective_scan_reference, selective_scan_torch)
+"""Low-level operators: the selective scan, its backends, and the cross (multi-direction) scan."""
+from .cross_scan import cross_selective_scan, inverse_orders, scan_orders
+from .selective_scan import (AUTO_CUDA_PREFERENCE, BACKEND_ENV, BACKENDS, TRITON_DTYPES, BackendUnavailableError,
+                             cuda_backend_status, requested_backend, resolve_backend, selective_scan,
+                             selective_scan_reference, selective_scan_torch, selective_scan_triton,
+                             triton_backend_status)
 
-__all__ = ["BACKEND_ENV", "BACKENDS", "BackendUnavailableError", "cuda_backend_status", "requested_backend",
-           "resolve_backend", "selective_scan", "selective_scan_reference", "selective_scan_torch"]
+__all__ = ["cross_selective_scan", "inverse_orders", "scan_orders",
+           "AUTO_CUDA_PREFERENCE", "BACKEND_ENV", "BACKENDS", "TRITON_DTYPES", "BackendUnavailableError",
+           "cuda_backend_status", "requested_backend", "resolve_backend", "selective_scan", "selective_scan_reference",
+           "selective_scan_torch", "selective_scan_triton", "triton_backend_status"]

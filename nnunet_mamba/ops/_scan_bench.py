@@ -1,0 +1,144 @@
+"""Micro-benchmark of the selective-scan backends on a CUDA device (``nnunet-mamba benchmark --kernels``).
+
+Times are medians of CUDA-event timings after warm-up. Bandwidth is judged against the least traffic any scan
+must cause in device memory, whatever the backend keeps in between (E = elements of u, batch * dim * L;
+S = elements of B, batch * G * N * L; s = bytes per input element; z counts only when given)::
+
+    forward  = s * (E [u] + E [delta] + E [z] + 2 S [B, C]) + s * E [out]
+    backward = s * (E [u] + E [delta] + E [z] + E [dout] + 2 S [B, C]) + s * (E [du] + E [ddelta] + E [dz] + 2 S)
+
+``fwd_bwd`` rows count forward + backward. The fraction is that traffic per second over the device's peak
+memory bandwidth (:data:`PEAK_GB_PER_S`, or the caller's ``peak_gb_per_s``).
+"""
+from __future__ import annotations
+
+import functools
+import statistics
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
+
+import torch
+
+from .selective_scan import selective_scan, selective_scan_triton
+
+# Peak memory bandwidth in GB/s by device-name fragment, most specific first (vendor data sheets).
+PEAK_GB_PER_S = (("H200", 4800.0), ("H100 PCIe", 2000.0), ("H100", 3350.0), ("A100-SXM4-80GB", 2039.0),
+                 ("A100", 1555.0))
+
+# (batch, dim, L, groups): the shapes of issue #8, Swin-UMamba's SS2D stages with their 4 directions as groups.
+ISSUE_SHAPES = ((12, 768, 6400, 4), (12, 1536, 1600, 4), (12, 3072, 400, 4), (12, 6144, 100, 4))
+
+
+def peak_bandwidth_gb_per_s(device: torch.device) -> Optional[float]:
+    """The peak memory bandwidth of ``device`` from :data:`PEAK_GB_PER_S`, or None if it is not listed."""
+    name = torch.cuda.get_device_name(device)
+    return next((peak for fragment, peak in PEAK_GB_PER_S if fragment in name), None)
+
+
+def minimum_traffic_bytes(batch: int, dim: int, length: int, groups: int, n_state: int, element_size: int,
+                          has_z: bool) -> Tuple[int, int]:
+    """(forward, backward) bytes by the formula in the module docstring."""
+    e, s = batch * dim * length, batch * groups * n_state * length
+    z = e if has_z else 0
+    forward = element_size * (2 * e + z + 2 * s + e)
+    backward = element_size * (3 * e + z + 2 * s) + element_size * (2 * e + z + 2 * s)
+    return forward, backward
+
+
+def _median_ms(fn: Callable[[], object], warmup: int, repeats: int) -> float:
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(repeats):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    return statistics.median(times)
+
+
+def _inputs(batch: int, dim: int, length: int, groups: int, n_state: int, dtype: torch.dtype, has_z: bool,
+            device: torch.device) -> Dict[str, torch.Tensor]:
+    g = torch.Generator(device=device).manual_seed(0)
+
+    def randn(*shape, scale=1.0, as_dtype=dtype):
+        return (scale * torch.randn(*shape, device=device, generator=g)).to(as_dtype).requires_grad_()
+
+    inputs = dict(u=randn(batch, dim, length), delta=randn(batch, dim, length, scale=0.5),
+                  A=(-torch.rand(dim, n_state, device=device, generator=g) * 4 - 0.5).requires_grad_(),
+                  B=randn(batch, groups, n_state, length), C=randn(batch, groups, n_state, length),
+                  D=randn(dim, as_dtype=torch.float32), delta_bias=randn(dim, scale=0.1, as_dtype=torch.float32))
+    if has_z:
+        inputs["z"] = randn(batch, dim, length)
+    return inputs
+
+
+def benchmark_scan_shapes(shapes: Sequence[Tuple[int, int, int, int]] = ISSUE_SHAPES,
+                          backends: Sequence[str] = ("cuda", "triton", "torch"), n_state: int = 16,
+                          dtype: torch.dtype = torch.float32, has_z: bool = False, warmup: int = 3,
+                          repeats: int = 10, triton_configs: Optional[Sequence[object]] = None,
+                          peak_gb_per_s: Optional[float] = None, device: Optional[torch.device] = None
+                          ) -> List[dict]:
+    """Forward and forward+backward times of ``backends`` on (batch, dim, L, groups) ``shapes``.
+
+    The scan runs as the Mamba layers call it: delta_softplus, D and delta_bias, z only with ``has_z``, inputs
+    requiring grad (so the forward saves what the backward needs). ``triton_configs``
+    (:class:`nnunet_mamba.ops.triton_scan.ScanConfig`) adds a ``triton`` row per config, for tuning. One dict
+    per (shape, backend, config): shape, ``fwd_ms``, ``fwd_bwd_ms``, achieved ``*_gb_per_s`` and
+    ``*_bandwidth_fraction`` (None without a known peak), or ``error`` where the backend cannot run.
+    """
+    device = device or torch.device("cuda")
+    peak = peak_gb_per_s or peak_bandwidth_gb_per_s(device)
+    runs: List[Tuple[str, object]] = [(backend, None) for backend in backends]
+    runs += [("triton", config) for config in triton_configs or ()]
+    rows = []
+    for shape in shapes:
+        rows += _benchmark_shape(*shape, n_state, dtype, has_z, runs, warmup, repeats, peak, device)
+        torch.cuda.empty_cache()
+    return rows
+
+
+def _benchmark_shape(batch: int, dim: int, length: int, groups: int, n_state: int, dtype: torch.dtype, has_z: bool,
+                     runs: Sequence[Tuple[str, object]], warmup: int, repeats: int, peak: Optional[float],
+                     device: torch.device) -> List[dict]:
+    inputs = _inputs(batch, dim, length, groups, n_state, dtype, has_z, device)
+    traffic = minimum_traffic_bytes(batch, dim, length, groups, n_state, torch.finfo(dtype).bits // 8, has_z)
+    grad_out = torch.randn(batch, dim, length, device=device, dtype=dtype)
+    rows = []
+    for backend, config in runs:
+        row = dict(batch=batch, dim=dim, length=length, groups=groups, n_state=n_state, dtype=str(dtype),
+                   has_z=has_z, backend=backend, config=None if config is None else repr(config))
+        if config is None:
+            scan = functools.partial(selective_scan, **inputs, delta_softplus=True, backend=backend)
+        else:
+            scan = functools.partial(selective_scan_triton, **inputs, delta_softplus=True, config=config)
+        try:
+            row["fwd_ms"] = _median_ms(scan, warmup, repeats)
+            row["fwd_bwd_ms"] = _median_ms(
+                lambda: torch.autograd.grad(scan(), list(inputs.values()), grad_out), warmup, repeats)
+        except Exception as exc:  # an unavailable backend or a config that does not compile: report, go on
+            row["error"] = f"{type(exc).__name__}: {exc}"
+            rows.append(row)
+            continue
+        for key, bytes_moved in (("fwd", traffic[0]), ("fwd_bwd", traffic[0] + traffic[1])):
+            rate = bytes_moved / (row[f"{key}_ms"] * 1e-3) / 1e9
+            row[f"{key}_gb_per_s"] = rate
+            row[f"{key}_bandwidth_fraction"] = None if peak is None else rate / peak
+        rows.append(row)
+    return rows
+
+
+def triton_tuning_configs(n_state: int = 16) -> List[object]:
+    """Launch configs worth timing with ``benchmark_scan_shapes(..., triton_configs=...)`` on a new GPU."""
+    from .triton_scan import ScanConfig
+
+    pairs = 32 * 4 // max(n_state, 1)  # channels that give 4 warps one (channel, state) pair per thread
+    configs = []
+    for block_l in (16, 32, 64):
+        for block_d in sorted({max(1, pairs // 2), max(1, pairs), 2 * pairs}):
+            for warps in (4, 8):
+                configs.append(ScanConfig(block_l=block_l, block_d=block_d, num_warps=warps, bwd_block_d=block_d,
+                                          bwd_num_warps=warps))
+    return configs
