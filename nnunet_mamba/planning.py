@@ -169,9 +169,13 @@ def _shrink_unet(candidate: Candidate, spacing: Sequence[float], median: Sequenc
     if n < 2:
         return None
     arch = dict(candidate.arch_kwargs)
-    arch.update(n_stages=n, kernel_sizes=kernel_sizes, strides=strides,
-                features_per_stage=arch["features_per_stage"][:n], n_conv_per_stage=arch["n_conv_per_stage"][:n],
-                n_conv_per_stage_decoder=arch["n_conv_per_stage_decoder"][:n - 1], input_size=list(patch))
+    arch.update(n_stages=n, kernel_sizes=kernel_sizes, strides=strides)
+    # per-stage lists the network takes (U-Mamba: block counts; Flemme: widths only) follow the new stage count
+    for key, length in (("features_per_stage", n), ("n_conv_per_stage", n), ("n_conv_per_stage_decoder", n - 1)):
+        if key in arch:
+            arch[key] = arch[key][:length]
+    if "input_size" in arch:
+        arch["input_size"] = list(patch)
     return Candidate([int(p) for p in patch], arch)
 
 

@@ -89,3 +89,20 @@ def test_benchmark_all_takes_the_networks_of_the_plans_dimension():
 def test_benchmark_rejects_unknown_network():
     with pytest.raises(SystemExit, match="unknown network"):
         main(["benchmark", "no_such_net", "--device", "cpu"])
+
+
+def test_benchmark_flemme_study_reports_times_relative_to_the_conv_network(capsys, tmp_path, monkeypatch):
+    from nnunet_mamba.cli import benchmark
+
+    monkeypatch.setitem(benchmark.FLEMME_STUDY, "sizes", [(2, 32)])
+    monkeypatch.setitem(benchmark.FLEMME_STUDY, "num_blocks", [2])
+    out_json = tmp_path / "flemme.json"
+    assert main(["benchmark", "--flemme-table3", "--steps", "1", "--warmup", "0", "--device", "cpu",
+                 "--json", str(out_json)]) == 0
+    import json
+    rows = json.loads(out_json.read_text())["rows"]
+    assert [r["network"] for r in rows] == ["ConvBlock 32^2 x2", "SwinBlock 32^2 x2", "MambaBlock 32^2 x2"]
+    # the Table III networks with a second class: one more output channel of the last layer on top of the paper's
+    # counts (ConvBlock: 64 x 4 x 4 + 1 in its transposed conv; Swin/Mamba: 64 + 1 in the 1x1 head)
+    assert [r["params"] for r in rows] == [3884193 + 1025, 4383570 + 65, 5536289 + 65]
+    assert rows[0]["step_ratio"] == 1.0 and rows[2]["step_ratio"] == rows[2]["step_ms"] / rows[0]["step_ms"]

@@ -46,7 +46,9 @@ def planned(request, tmp_path_factory):
 
 TRAINERS = {
     2: ["nnUNetTrainerUMambaBot_demo", "nnUNetTrainerUMambaEnc_demo", "nnUNetTrainerSwinUMamba_demo",
-        "nnUNetTrainerSwinUMambaD_demo", "nnUNetTrainerViMUNetTiny_demo"],
+        "nnUNetTrainerSwinUMambaD_demo", "nnUNetTrainerViMUNetTiny_demo", "nnUNetTrainerFlemmeMambaU_demo",
+        "nnUNetTrainerFlemmeMambaU_HSeM_demo"],
+    # Flemme in 3D: unit tests only (tests/test_flemme.py); its CLI round trip adds ~4 CPU minutes to CI
     3: ["nnUNetTrainerUMambaBot_demo", "nnUNetTrainerUMambaEnc_demo", "nnUNetTrainerSegResMamba_demo"],
 }
 # only the 2D U-Mamba demos train fast enough (SGD, lr 1e-2, whole images as patches) for 8 iterations to reach

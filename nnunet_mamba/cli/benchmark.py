@@ -70,22 +70,33 @@ def build(name: str, plan: dict, in_channels: int, classes: int) -> nn.Module:
 def measure(name: str, plan: dict, batch: int, classes: int, device: torch.device, steps: int, warmup: int,
             compile_network: bool) -> dict:
     torch.manual_seed(0)
-    network = build(name, plan, 1, classes).to(device)
+    network = build(name, plan, 1, classes)
+    backend = "-" if name in BASELINES else resolve_backend(device)
+    return {"network": name, **measure_network(network, plan["patch_size"], batch, classes, device, steps, warmup,
+                                                compile_network), "backend": backend}
+
+
+def measure_network(network: nn.Module, patch_size: List[int], batch: int, classes: int, device: torch.device,
+                    steps: int, warmup: int, compile_network: bool) -> dict:
+    """One nnU-Net training step of ``network`` (1 input channel): time, peak memory, inference time, GMACs."""
+    network = network.to(device)
     params = sum(p.numel() for p in network.parameters())
     model = torch.compile(network) if compile_network else network
     optimizer = torch.optim.SGD(network.parameters(), lr=1e-2, momentum=0.99, nesterov=True)
     use_amp = device.type == "cuda"
     scaler = torch.amp.GradScaler("cuda") if use_amp else None
-    x = torch.randn(batch, 1, *plan["patch_size"], device=device)
+    x = torch.randn(batch, 1, *patch_size, device=device)
     with torch.no_grad():
-        shapes = [o.shape[2:] for o in network(x[:1])]
+        outputs = network(x[:1])
+        shapes = [o.shape[2:] for o in (outputs if isinstance(outputs, (list, tuple)) else [outputs])]
     targets = [torch.randint(0, classes, (batch, 1, *s), device=device).float() for s in shapes]
     loss_fn = training_loss(len(shapes))
 
     def step():
         optimizer.zero_grad(set_to_none=True)
         with torch.autocast(device.type, dtype=torch.float16, enabled=use_amp):
-            loss = loss_fn(model(x), targets)
+            outputs = model(x)
+            loss = loss_fn(outputs if isinstance(outputs, (list, tuple)) else [outputs], targets)
         if scaler is not None:
             scaler.scale(loss).backward()
             scaler.unscale_(optimizer)
@@ -111,9 +122,8 @@ def measure(name: str, plan: dict, batch: int, classes: int, device: torch.devic
     peak = torch.cuda.max_memory_allocated() / 2 ** 30 if device.type == "cuda" else float("nan")
     infer_ms = _inference_ms(network, x[:1], use_amp, steps)
     gmacs = _forward_gmacs(network, x[:1])
-    backend = "-" if name in BASELINES else resolve_backend(device)
-    return {"network": name, "params": params, "step_ms": elapsed * 1000, "peak_gib": peak, "infer_ms": infer_ms,
-            "gmacs": gmacs, "backend": backend, "batch": batch, "patch": list(plan["patch_size"])}
+    return {"params": params, "step_ms": elapsed * 1000, "peak_gib": peak, "infer_ms": infer_ms, "gmacs": gmacs,
+            "batch": batch, "patch": list(patch_size)}
 
 
 def _sync(device: torch.device) -> None:
@@ -125,6 +135,7 @@ def _sync(device: torch.device) -> None:
 def _inference_ms(network: nn.Module, image: torch.Tensor, use_amp: bool, repeats: int) -> float:
     """Forward time for one patch (batch 1, no deep supervision), as nnU-Net's predictor runs it."""
     network.eval()
+    deep_supervision = network.decoder.deep_supervision  # nnU-Net's switch, which its predictor turns off
     network.decoder.deep_supervision = False
     with torch.autocast(image.device.type, dtype=torch.float16, enabled=use_amp):
         network(image)
@@ -133,7 +144,7 @@ def _inference_ms(network: nn.Module, image: torch.Tensor, use_amp: bool, repeat
         for _ in range(repeats):
             network(image)
         _sync(image.device)
-    network.decoder.deep_supervision = True
+    network.decoder.deep_supervision = deep_supervision
     network.train()
     return (time.perf_counter() - start) / repeats * 1000
 
@@ -174,6 +185,16 @@ def add_parser(sub) -> None:
     p.add_argument("--estimate", action="store_true",
                    help="also print the planner's CPU estimate of the peak memory (column est GiB)")
     p.add_argument("--json", help="also write the results to this file")
+    p.add_argument("--flemme-table3", action="store_true",
+                   help="the Flemme paper's efficiency study instead of the networks: its Table III networks with "
+                        "ConvBlock (U-Net), SwinBlock and MambaBlock at 2 and 4 blocks per stage, 64^2, 128^2, 64^3 "
+                        "and 128^3 patches, batch 2, and each one's time relative to the ConvBlock network")
+    p.add_argument("--kernels", action="store_true",
+                   help="time the selective-scan backends alone on Swin-UMamba's SS2D shapes (batch 12, 320x320: "
+                        "(12, 4x192, 6400) ... (12, 4x1536, 100), N 16, fp32, softplus, D, delta_bias): forward "
+                        "and forward+backward ms and the fraction of the memory-bandwidth floor reached")
+    p.add_argument("--backends", nargs="+", default=["cuda", "triton"],
+                   help="backends for --kernels (default: %(default)s; 'torch' is slow at these sizes)")
     p.add_argument("--out", metavar="PREFIX",
                    help="also write PREFIX.md (Markdown table), PREFIX.csv and PREFIX.png (time and memory plot)")
     p.set_defaults(func=run)
@@ -259,7 +280,80 @@ def write_outputs(prefix: str, rows: List[dict], header: str) -> List[str]:
     return [prefix + ".md", prefix + ".csv", prefix + ".png"]
 
 
+FLEMME_STUDY = {"sizes": [(2, 64), (2, 128), (3, 64), (3, 128)], "num_blocks": [2, 4],
+                "encoders": {"unet": "ConvBlock", "swinu": "SwinBlock", "mambau": "MambaBlock"}}
+
+
+def run_flemme_table3(args: argparse.Namespace, device: torch.device, header: str) -> List[dict]:
+    """Rows of the Flemme efficiency study (2 classes, so that nnU-Net's Dice+CE has a foreground to learn)."""
+    from ..networks.flemme import flemme_table3
+
+    rows = []
+    for dim, size in FLEMME_STUDY["sizes"]:
+        for num_blocks in FLEMME_STUDY["num_blocks"]:
+            base = None
+            for encoder, block in FLEMME_STUDY["encoders"].items():
+                torch.manual_seed(0)
+                network = flemme_table3(encoder, dim=dim, num_blocks=num_blocks, num_classes=2)
+                row = {"network": f"{block} {size}^{dim} x{num_blocks}",
+                       **measure_network(network, [size] * dim, args.batch or 2, 2, device, args.steps, args.warmup,
+                                         args.compile),
+                       "backend": "-" if encoder != "mambau" else resolve_backend(device)}
+                base = base or row
+                row["step_ratio"] = row["step_ms"] / base["step_ms"]
+                row["peak_ratio"] = row["peak_gib"] / base["peak_gib"] if device.type == "cuda" else float("nan")
+                rows.append(row)
+                print(" ".join(f"{k}={_format(k, row[k])}" for k in ("network", "params", "step_ms", "step_ratio",
+                                                                     "peak_gib", "infer_ms")), flush=True)
+                if device.type == "cuda":
+                    torch.cuda.empty_cache()
+    return rows
+
+
+def run_kernels(args: argparse.Namespace) -> int:
+    from ..ops._scan_bench import benchmark_scan_shapes
+
+    device = torch.device(args.device)
+    if device.type != "cuda":
+        raise SystemExit("--kernels times CUDA kernels: run it on a GPU (--device cuda)")
+    print(f"device: {torch.cuda.get_device_name(device)} | selective scan alone, fp32, N 16, G 4, softplus, D, "
+          f"delta_bias, no z | median of {args.steps} after {args.warmup} warm-up runs")
+    rows = benchmark_scan_shapes(backends=args.backends, warmup=args.warmup, repeats=args.steps, device=device)
+    first = args.backends[0]
+    print(f"{'shape (B, K*d, L)':<22}{'backend':<9}{'fwd ms':>9}{'fwd+bwd ms':>12}{'x ' + first:>10}"
+          f"{'of BW floor':>13}")
+    for r in rows:
+        shape = f"{r['batch']}, {r['dim'] // r['groups']}x{r['groups']}, {r['length']}"
+        if "error" in r:
+            print(f"{shape:<22}{r['backend']:<9}  {r['error']}")
+            continue
+        ref = next((q for q in rows if q["backend"] == first and q["dim"] == r["dim"] and "error" not in q), None)
+        speedup = f"{ref['fwd_bwd_ms'] / r['fwd_bwd_ms']:.2f}" if ref else "-"
+        fraction = r.get("fwd_bwd_bandwidth_fraction")
+        print(f"{shape:<22}{r['backend']:<9}{r['fwd_ms']:>9.2f}{r['fwd_bwd_ms']:>12.2f}{speedup:>10}"
+              f"{'-' if fraction is None else f'{fraction:.0%}':>13}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"device": torch.cuda.get_device_name(device), "rows": rows}, f, indent=2)
+    return 0
+
+
 def run(args: argparse.Namespace) -> int:
+    if args.kernels:
+        return run_kernels(args)
+    if args.flemme_table3:
+        device = torch.device(args.device)
+        where = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
+        header = (f"device: {where} | Flemme Table III networks, batch {args.batch or 2}, 2 classes | "
+                  f"{'fp16 autocast' if device.type == 'cuda' else 'fp32'} | x base = relative to ConvBlock")
+        print(header)
+        rows = run_flemme_table3(args, device, header)
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump({"device": where, "header": header, "rows": rows}, f, indent=2)
+        if args.out:
+            print("wrote " + ", ".join(write_outputs(args.out, rows, header)))
+        return 0
     plan = plan_from_file(args.plans, args.configuration) if args.plans else dict(PRESETS[args.preset])
     if args.patch:
         plan["patch_size"] = args.patch

@@ -1,6 +1,7 @@
 """Segmentation networks: pure PyTorch, importable without nnU-Net."""
 from .registry import (NetworkSpec, create_network, fixed_plan_strides, get_network_spec, list_networks, plan_kwargs,
                        register_network, resolve_plan_imports, strides_for_scales)
+from .flemme import FlemmeNet, flemme_table3
 from .segresmamba import SegResMamba
 from .swin_umamba import SwinUMamba, SwinUMambaD, load_vmamba_encoder
 from .umamba import UMamba, UMambaBot, UMambaEnc
@@ -8,5 +9,6 @@ from .vim_unet import ViMUNet
 
 __all__ = ["NetworkSpec", "create_network", "fixed_plan_strides", "get_network_spec", "list_networks", "plan_kwargs",
            "register_network", "resolve_plan_imports", "strides_for_scales",
+           "FlemmeNet", "flemme_table3",
            "SegResMamba", "SwinUMamba", "SwinUMambaD", "load_vmamba_encoder", "UMamba", "UMambaBot", "UMambaEnc",
            "ViMUNet"]

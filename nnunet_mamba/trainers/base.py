@@ -38,6 +38,8 @@ class nnUNetTrainerMamba(nnUNetTrainer):
     network_name: str = ""
     # constructor kwargs that take precedence over the plans (e.g. narrower widths for smoke-test variants)
     network_overrides: dict = {}
+    # smoke-test variants of networks sized by the plans divide the plans' widths by this (at least 4 channels)
+    plans_width_divisor: int = 1
 
     @classmethod
     def build_network_architecture(cls, plans_manager: PlansManager, configuration_manager: ConfigurationManager,
@@ -51,6 +53,8 @@ class nnUNetTrainerMamba(nnUNetTrainer):
                              f"configurations only; this configuration has a {dim}D patch size "
                              f"{list(configuration_manager.patch_size)}")
         kwargs = {**plans_network_kwargs(cls.network_name, configuration_manager), **cls.network_overrides}
+        if cls.plans_width_divisor > 1 and "features_per_stage" in kwargs:
+            kwargs["features_per_stage"] = [max(4, f // cls.plans_width_divisor) for f in kwargs["features_per_stage"]]
         return create_network(cls.network_name, input_channels=num_input_channels, num_classes=num_output_channels,
                               deep_supervision=enable_deep_supervision, **kwargs)
 
