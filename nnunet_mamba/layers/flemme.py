@@ -456,7 +456,12 @@ class MambaBlock(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         spatial = x.shape[1:-1]
         h, z = self.in_proj(self.norm1(x)).chunk(2, dim=-1)
-        h = self.act(self.conv(h.movedim(-1, 1)))
+        h = h.movedim(-1, 1)
+        if h.dim() == 5:
+            # cuDNN's weight gradient of a channels-last depthwise Conv3d runs group by group: on an H100 a Table III
+            # Mamba-U step at 64^3 took 529 ms this way, 81 ms with a contiguous (N, C, D, H, W) input
+            h = h.contiguous()
+        h = self.act(self.conv(h))
         y = self.norm2(self._scan(h).transpose(1, 2).reshape(x.shape[0], *spatial, -1)).to(z.dtype)
         x = x + self.drop_path(self.out_proj(y * self.act(z)))
         return self.fc(x) + self.drop_path(self.mlp(x))
