@@ -38,6 +38,7 @@ def test_env_reports_diagnostics(capsys, monkeypatch):
     assert "export nnUNet_extTrainer=" in out
     assert "nnUNet_raw: NOT SET" in out
     assert "selective scan: NNUNET_MAMBA_BACKEND=" in out
+    assert "triton backend available" in out or "triton backend unavailable (" in out
     assert all(line.startswith(("#", "export ")) for line in out.splitlines())
 
 

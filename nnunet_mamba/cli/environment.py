@@ -9,7 +9,7 @@ from importlib.metadata import PackageNotFoundError, version
 import torch
 
 from .. import __version__
-from ..ops import cuda_backend_status, requested_backend
+from ..ops import cuda_backend_status, requested_backend, triton_backend_status
 
 NNUNET_PATH_VARIABLES = ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results")
 
@@ -49,8 +49,10 @@ def run(args: argparse.Namespace) -> int:
     else:
         print("# GPU: none visible (training and inference run on the CPU: nnUNetv2_train ... -device cpu)")
     ok, why = cuda_backend_status()
+    triton_ok, triton_why = triton_backend_status()
     print(f"# selective scan: NNUNET_MAMBA_BACKEND={requested_backend()}; cuda backend "
-          f"{'available' if ok else 'unavailable'} ({why}); torch backend always available")
+          f"{'available' if ok else 'unavailable'} ({why}); triton backend "
+          f"{'available' if triton_ok else 'unavailable'} ({triton_why}); torch backend always available")
     for name in NNUNET_PATH_VARIABLES:
         value = os.environ.get(name)
         print(f"# {name}: {value if value else 'NOT SET (nnU-Net needs it: export ' + name + '=/path)'}")
