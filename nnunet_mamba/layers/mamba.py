@@ -46,6 +46,8 @@ class Mamba(nn.Module):
         self.d_inner = int(expand * d_model)
         self.dt_rank = math.ceil(d_model / 16) if dt_rank == "auto" else int(dt_rank)
         self.use_fast_path = use_fast_path
+        # checked here, not in forward: torch.compile's tracing cannot follow the failing import of a missing kernel
+        self._fused_available = _fused_mamba_inner() is not None
 
         self.in_proj = nn.Linear(d_model, self.d_inner * 2, bias=bias, **factory)
         self.conv1d = nn.Conv1d(self.d_inner, self.d_inner, kernel_size=d_conv, groups=self.d_inner,
@@ -77,8 +79,9 @@ class Mamba(nn.Module):
         self.out_proj = nn.Linear(self.d_inner, d_model, bias=bias, **factory)
 
     def _use_fused(self, x: torch.Tensor) -> bool:
-        return (self.use_fast_path and x.is_cuda and _fused_mamba_inner() is not None
-                and resolve_backend(x.device) == "cuda")
+        if not self.use_fast_path or not x.is_cuda or not self._fused_available:
+            return False
+        return resolve_backend(x.device) == "cuda"
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         if hidden_states.dim() != 3 or hidden_states.shape[-1] != self.d_model:
