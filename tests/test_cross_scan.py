@@ -11,7 +11,6 @@ import sys
 
 import pytest
 import torch
-import torch.nn.functional as F
 from torch._subclasses.fake_tensor import FakeTensorMode
 
 import nnunet_mamba
@@ -19,7 +18,7 @@ import nnunet_mamba.ops.cross_scan as cross_scan
 from nnunet_mamba.layers.tom import DIRECTIONS as TOM_DIRECTIONS
 from nnunet_mamba.layers.tom import ORDER_NAMES as TOM_ORDER_NAMES
 from nnunet_mamba.layers.vss import SCAN_DIRECTIONS, SS2D
-from nnunet_mamba.ops import BackendUnavailableError, selective_scan, selective_scan_reference
+from nnunet_mamba.ops import BackendUnavailableError, selective_scan_reference
 from nnunet_mamba.ops.cross_scan import cross_selective_scan, inverse_orders, scan_orders
 
 ALL_2D = ("hw", "wh", "-hw", "-wh")
@@ -243,31 +242,7 @@ def test_shape_errors_name_the_argument():
         cross_selective_scan(u, delta, A, B, C, orders, D=inputs["D"][:3])
 
 
-# ---- SS2D on the cross scan against its former formulation ---------------------------------------------------------
-
-def ss2d_multi_copy(m: SS2D, x: torch.Tensor) -> torch.Tensor:
-    """SS2D before the cross scan: four permuted copies of the map, one grouped selective_scan, flipped and
-    transposed back."""
-    batch, height, width, _ = x.shape
-    length, d, k = height * width, m.d_inner, 4
-    x, z = m.in_proj(x).chunk(2, dim=-1)
-    x = m.act(m.conv2d(x.permute(0, 3, 1, 2)))
-    xs = x.new_empty(batch, k, d, length)
-    xs[:, 0] = x.flatten(2)
-    xs[:, 1].unflatten(-1, (width, height)).copy_(x.transpose(2, 3))
-    xs[:, 2:] = xs[:, :2].flip(-1)
-    x_dbl = torch.einsum("bkdl,kcd->bkcl", xs, m.x_proj_weight)
-    dts, Bs, Cs = torch.split(x_dbl, [m.dt_rank, m.d_state, m.d_state], dim=2)
-    dts = torch.einsum("bkrl,kdr->bkdl", dts, m.dt_projs_weight)
-    dtype = torch.promote_types(xs.dtype, torch.float32)
-    y = selective_scan(xs.to(dtype).view(batch, k * d, length), dts.to(dtype).reshape(batch, k * d, length),
-                       -torch.exp(m.A_logs.float()), Bs.to(dtype), Cs.to(dtype), m.Ds.float(),
-                       delta_bias=m.dt_projs_bias.float().view(-1), delta_softplus=True).view(batch, k, d, length)
-    rows = (y[:, 0] + y[:, 2].flip(-1)).view(batch, d, height, width)
-    cols = (y[:, 1] + y[:, 3].flip(-1)).view(batch, d, width, height).transpose(2, 3)
-    y = m.out_norm((rows + cols).permute(0, 2, 3, 1))
-    return m.dropout(m.out_proj(y * F.silu(z)))
-
+# ---- SS2D: its cross-scan formulation against its copied one ---------------------------------------------------------
 
 def ss2d_outputs_and_grads(m: SS2D, x: torch.Tensor, forward) -> tuple:
     m.zero_grad()
@@ -298,13 +273,23 @@ def test_compiled_ss2d_fullgraph_equals_eager():
         torch.testing.assert_close(grads[name], grads_ref[name], rtol=1e-12, atol=1e-12, msg=name)
 
 
-def test_ss2d_equals_its_multi_copy_formulation():
+def test_ss2d_cross_scan_formulation_equals_the_copied_one():
+    """SS2D's two scan paths (nnunet_mamba.layers.vss): x_proj in image order + the cross scan (here its
+    gather/scatter path) vs four permuted copies + one grouped selective_scan, in values and gradients."""
     m = distinct_ss2d()
-    x = torch.randn(2, 5, 7, 16, dtype=torch.float64)  # not square: a transposition mistake would show
-    (y, grads), (y_ref, grads_ref) = (ss2d_outputs_and_grads(m, x, forward)
-                                      for forward in (SS2D.forward, ss2d_multi_copy))
+    h = torch.randn(2, m.d_inner, 5, 7, dtype=torch.float64)  # not square: a transposition mistake would show
+    results = []
+    for scan in (lambda t: m._fused_scan(t, backend="torch"), m._copied_scan):
+        m.zero_grad()
+        t = h.clone().requires_grad_()
+        y = scan(t)
+        (y * torch.randn(y.shape, generator=torch.Generator().manual_seed(3), dtype=y.dtype)).sum().backward()
+        results.append((y.detach(), {"h": t.grad, **{n: p.grad.clone() for n, p in m.named_parameters()
+                                                     if p.grad is not None}}))
+    (y, grads), (y_ref, grads_ref) = results
+    assert y.shape == (2, 5, 7, m.d_inner)
     torch.testing.assert_close(y, y_ref, rtol=1e-10, atol=1e-12)
-    assert grads.keys() == grads_ref.keys()
+    assert grads.keys() == grads_ref.keys() and {"x_proj_weight", "A_logs", "Ds"} <= grads.keys()
     for name in grads:
         torch.testing.assert_close(grads[name], grads_ref[name], rtol=1e-9, atol=1e-11, msg=name)
 

@@ -284,7 +284,7 @@ FLEMME_STUDY = {"sizes": [(2, 64), (2, 128), (3, 64), (3, 128)], "num_blocks": [
                 "encoders": {"unet": "ConvBlock", "swinu": "SwinBlock", "mambau": "MambaBlock"}}
 
 
-def run_flemme_table3(args: argparse.Namespace, device: torch.device, header: str) -> List[dict]:
+def run_flemme_table3(args: argparse.Namespace, device: torch.device) -> List[dict]:
     """Rows of the Flemme efficiency study (2 classes, so that nnU-Net's Dice+CE has a foreground to learn)."""
     from ..networks.flemme import flemme_table3
 
@@ -338,21 +338,29 @@ def run_kernels(args: argparse.Namespace) -> int:
     return 0
 
 
+def _device_name(device: torch.device) -> str:
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
+
+
+def _write_results(args: argparse.Namespace, where: str, header: str, rows: List[dict]) -> None:
+    """--json and --out files of a run."""
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"device": where, "header": header, "rows": rows}, f, indent=2)
+    if args.out:
+        print("wrote " + ", ".join(write_outputs(args.out, rows, header)))
+
+
 def run(args: argparse.Namespace) -> int:
     if args.kernels:
         return run_kernels(args)
     if args.flemme_table3:
         device = torch.device(args.device)
-        where = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
+        where = _device_name(device)
         header = (f"device: {where} | Flemme Table III networks, batch {args.batch or 2}, 2 classes | "
                   f"{'fp16 autocast' if device.type == 'cuda' else 'fp32'} | x base = relative to ConvBlock")
         print(header)
-        rows = run_flemme_table3(args, device, header)
-        if args.json:
-            with open(args.json, "w") as f:
-                json.dump({"device": where, "header": header, "rows": rows}, f, indent=2)
-        if args.out:
-            print("wrote " + ", ".join(write_outputs(args.out, rows, header)))
+        _write_results(args, where, header, run_flemme_table3(args, device))
         return 0
     plan = plan_from_file(args.plans, args.configuration) if args.plans else dict(PRESETS[args.preset])
     if args.patch:
@@ -361,7 +369,7 @@ def run(args: argparse.Namespace) -> int:
     dim = len(plan["patch_size"])
     names = _networks(args, dim)
     device = torch.device(args.device)
-    where = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
+    where = _device_name(device)
     header = (f"device: {where} | plan: patch {plan['patch_size']}, batch {batch}, {args.classes} classes | "
               f"{'fp16 autocast' if device.type == 'cuda' else 'fp32'}{', compiled' if args.compile else ''}"
               f"{f' | median of {args.repeats} interleaved passes' if args.repeats > 1 else ''}")
@@ -389,9 +397,5 @@ def run(args: argparse.Namespace) -> int:
     print(line([t for _, t in columns]))
     for r in rows:
         print(line([_format(k, r.get(k, float("nan"))) for k, _ in columns]))
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"device": where, "header": header, "rows": rows}, f, indent=2)
-    if args.out:
-        print("wrote " + ", ".join(write_outputs(args.out, rows, header)))
+    _write_results(args, where, header, rows)
     return 0

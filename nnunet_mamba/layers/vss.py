@@ -97,8 +97,9 @@ class SS2D(nn.Module):
         y = self.out_norm(y)
         return self.dropout(self.out_proj(y * F.silu(z)))
 
-    def _fused_scan(self, x: torch.Tensor) -> torch.Tensor:
-        """The fused Triton cross scan: every direction read from the image-order map through its order table."""
+    def _fused_scan(self, x: torch.Tensor, backend: str = "triton") -> torch.Tensor:
+        """The cross scan: every direction read from the image-order map through its order table (fused kernels
+        with ``triton``; the tests also run it through the gather/scatter path)."""
         batch, d, height, width = x.shape
         length, k, n = height * width, len(SCAN_DIRECTIONS), self.d_state
         # Tokens in image order, position-major: the depthwise conv of a channels-last map is channels-last, so
@@ -114,7 +115,7 @@ class SS2D(nn.Module):
                                  Bs.permute(0, 2, 3, 1), Cs.permute(0, 2, 3, 1),
                                  scan_orders((height, width), SCAN_DIRECTIONS, device=x.device), self.Ds.float(),
                                  delta_bias=self.dt_projs_bias.float().view(-1), delta_softplus=True,
-                                 backend="triton")
+                                 backend=backend)
         return y.transpose(1, 2).reshape(batch, height, width, d)
 
     def _copied_scan(self, x: torch.Tensor) -> torch.Tensor:
