@@ -44,6 +44,21 @@ def test_encoder_is_frozen_for_the_first_epochs_then_trained():
     assert encoder <= changed
 
 
+def test_frozen_gradients_are_zero_when_nnunet_clips_and_gone_at_the_step():
+    # nnU-Net clips the gradient norm between backward and the optimizer step: as with the original's
+    # requires_grad=False, the frozen encoder must not count there (zeros), and AdamW must then skip it (None)
+    trainer = trainer_with(nnUNetTrainerSwinUMambaD)
+    frozen = trainer.network.pretrained_encoder_parameters()
+    trainer.network(torch.randn(2, 1, 32, 32)).square().mean().backward()
+    assert all(p.grad is not None and not p.grad.any() for p in frozen)
+    trainer.optimizer.step()
+    assert all(p.grad is None for p in frozen) and not any(trainer.optimizer.state.get(p) for p in frozen)
+    trainer.current_epoch = 10
+    trainer.optimizer.zero_grad()
+    trainer.network(torch.randn(2, 1, 32, 32)).square().mean().backward()
+    assert all(p.grad is not None for p in frozen) and any(p.grad.any() for p in frozen)
+
+
 def test_scratch_trainer_never_freezes():
     trainer = trainer_with(nnUNetTrainerSwinUMambaDScratch)
     assert all(p.requires_grad for p in trainer.network.parameters())

@@ -4,15 +4,20 @@ As the original: AdamW (lr 1e-4, weight decay 0.05, eps 1e-5) with cosine anneal
 pretrained variants start the VMamba encoder from ImageNet weights and keep it frozen for the first
 ``freeze_epochs`` (10) epochs.
 
-Freezing is done by dropping the frozen parameters' gradients right before each optimizer step, not by toggling
-``requires_grad``: DDP fixes the set of parameters it synchronises when it wraps the network, so toggling would
-either need ``find_unused_parameters=True`` (the original's workaround) or leave the unfrozen encoder unsynchronised
-across GPUs. Because the schedule is a function of ``current_epoch`` only, resuming (``--c``) inside the frozen
-epochs continues it correctly.
+Freezing (:func:`freeze_while`) zeroes the frozen parameters' gradients as backward produces them and drops them
+right before each optimizer step, not by toggling ``requires_grad``: DDP fixes the set of parameters it
+synchronises when it wraps the network, so toggling would either need ``find_unused_parameters=True`` (the
+original's workaround) or leave the unfrozen encoder unsynchronised across GPUs. Zeroing keeps the frozen gradients
+out of nnU-Net's gradient clipping (as with the original's ``requires_grad=False``, whose parameters have no
+gradient to clip), and every rank still hands DDP a gradient for every parameter. Because the schedule is a
+function of ``current_epoch`` only, which nnU-Net advances identically on every rank and saves in its checkpoints,
+all ranks freeze and unfreeze at the same step, and resuming (``--c``) inside the frozen epochs continues it
+correctly.
 """
 from __future__ import annotations
 
 import math
+from typing import Callable, Iterable, List
 
 import torch
 from torch.optim.lr_scheduler import LRScheduler
@@ -42,6 +47,31 @@ class CosineAnnealingScheduler(LRScheduler):
         self._last_lr = [lr] * len(self.optimizer.param_groups)
 
 
+def freeze_while(optimizer: torch.optim.Optimizer, parameters: Iterable[torch.nn.Parameter],
+                 frozen: Callable[[], bool]) -> List:
+    """Keep ``parameters`` unchanged by ``optimizer`` while ``frozen()``; returns the hooks' removable handles.
+
+    While frozen, a hook on each parameter replaces its gradient by zeros as backward computes it (before DDP
+    averages it across ranks and before gradient clipping, so clipping sees only the trained parameters'
+    gradients), and an optimizer step pre-hook then drops these gradients, so that AdamW skips the parameters
+    entirely (no update, no weight decay, no moment or step-count change). The parameters keep
+    ``requires_grad``, so DDP (without ``find_unused_parameters``) gets a gradient for each of them every step.
+    """
+    parameters = list(parameters)
+
+    def zero_gradient(grad: torch.Tensor):
+        return torch.zeros_like(grad) if frozen() else None  # None: the gradient as computed
+
+    def drop_gradients(*_) -> None:
+        if frozen():
+            for p in parameters:
+                p.grad = None
+
+    handles = [p.register_hook(zero_gradient) for p in parameters]
+    handles.append(optimizer.register_step_pre_hook(drop_gradients))
+    return handles
+
+
 class nnUNetTrainerSwinUMambaScratch(nnUNetTrainerMamba):
     network_name = "swin_umamba"
     pretrained_weights: str = ""  # a name in nnunet_mamba.pretrained; empty: train from scratch
@@ -66,18 +96,13 @@ class nnUNetTrainerSwinUMambaScratch(nnUNetTrainerMamba):
                                       eps=1e-5)
         scheduler = CosineAnnealingScheduler(optimizer, self.initial_lr, self.num_epochs, 1e-6)
         if self.freeze_epochs:
-            frozen = self.unwrapped_network.pretrained_encoder_parameters()
-            optimizer.register_step_pre_hook(lambda *_: self._drop_frozen_gradients(frozen))
+            # nnU-Net calls this before wrapping the network in DDP; the hooks hold the parameters themselves,
+            # which DDP (and SyncBatchNorm's conversion) keep
+            freeze_while(optimizer, self.unwrapped_network.pretrained_encoder_parameters(), self.encoder_frozen)
         return optimizer, scheduler
 
     def encoder_frozen(self) -> bool:
         return self.current_epoch < self.freeze_epochs
-
-    def _drop_frozen_gradients(self, parameters) -> None:
-        # AdamW skips parameters without a gradient entirely (no update, no weight decay, no moment change)
-        if self.encoder_frozen():
-            for p in parameters:
-                p.grad = None
 
     def on_train_epoch_start(self) -> None:
         super().on_train_epoch_start()
