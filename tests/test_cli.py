@@ -67,7 +67,7 @@ def test_benchmark_writes_table_csv_and_plot_with_median_of_passes(capsys, tmp_p
                  "--out", prefix]) == 0
     assert "median of 3 interleaved passes" in capsys.readouterr().out
     table = (tmp_path / "bench.md").read_text().splitlines()
-    assert table[1].startswith("| network | params |") and len(table) == 5
+    assert table[1].startswith("| network | params | GMACs/img | GFLOPs/img |") and len(table) == 5
     assert table[4].startswith("| umamba_bot | ")
     import csv
     rows = list(csv.DictReader((tmp_path / "bench.csv").open()))

@@ -139,12 +139,12 @@ def test_estimate_includes_the_mamba_layers():
 def test_estimate_needs_neither_mamba_ssm_nor_a_gpu(monkeypatch):
     monkeypatch.setitem(sys.modules, "mamba_ssm", None)  # importing it now fails
     monkeypatch.setenv("NNUNET_MAMBA_BACKEND", "cuda")  # even a forced CUDA backend is not used
-    scan_module._mamba_ssm_scan.cache_clear()
+    scan_module._mamba_ssm_kernels.cache_clear()
     try:
         estimate = estimate_training_memory_gib("umamba_enc", {**small_unet_kwargs(), "input_size": [64, 64]},
                                                 [64, 64], 2, CLASSES, 1)
     finally:
-        scan_module._mamba_ssm_scan.cache_clear()
+        scan_module._mamba_ssm_kernels.cache_clear()
     assert 0 < estimate < 1
 
 

@@ -112,7 +112,7 @@ def test_backend_selection(monkeypatch):
 
 def test_forcing_cuda_without_mamba_ssm_fails_clearly(monkeypatch):
     missing = (None, "ModuleNotFoundError: No module named 'mamba_ssm'")
-    monkeypatch.setattr(scan_module, "_mamba_ssm_scan", lambda: missing)
+    monkeypatch.setattr(scan_module, "_mamba_ssm_kernels", lambda: missing)
     monkeypatch.setenv("NNUNET_MAMBA_BACKEND", "cuda")
     inputs = make_inputs(dtype=torch.float32)
     with pytest.raises(BackendUnavailableError, match="mamba-ssm cannot be imported.*NNUNET_MAMBA_BACKEND=torch"):
@@ -120,7 +120,7 @@ def test_forcing_cuda_without_mamba_ssm_fails_clearly(monkeypatch):
 
 
 def test_forcing_cuda_on_cpu_tensors_fails_clearly(monkeypatch):
-    monkeypatch.setattr(scan_module, "_mamba_ssm_scan", lambda: (object(), None))
+    monkeypatch.setattr(scan_module, "_mamba_ssm_kernels", lambda: (object(), None))
     with pytest.raises(BackendUnavailableError, match="only runs on CUDA tensors"):
         resolve_backend(torch.device("cpu"), "cuda")
 

@@ -91,14 +91,15 @@ def assert_matches(result, expected, tolerance):
             assert relative_error(grads[name], ref) < tolerance, name
 
 
-# (groups, batch, dim, length, n, config (block_l, block_d)): ungrouped 3D B/C, one group, several groups; several
-# channel blocks per group (dB/dC atomics) and a block wider than the group (masked channels); L shorter than, not
-# a multiple of, and a multiple of block_l; N not a power of 2
+# (groups, batch, dim, length, n, blocks (block_l, block_d, bwd_block_l, bwd_block_d)): ungrouped 3D B/C, one
+# group, several groups; several channel blocks per group (dB/dC atomics) and a block wider than the group (masked
+# channels); L shorter than, not a multiple of, and a multiple of either pass's chunk; states saved every one and
+# every several forward chunks; N not a power of 2
 SHAPES = [
-    (None, 2, 5, 19, 3, (8, 2)),
-    (1, 1, 5, 16, 4, (8, 4)),
-    (3, 2, 6, 5, 3, (16, 4)),
-    (2, 1, 8, 33, 2, (16, 2)),
+    (None, 2, 5, 19, 3, (8, 2, 16, 1)),
+    (1, 1, 5, 16, 4, (8, 4, 8, 2)),
+    (3, 2, 6, 5, 3, (16, 4, 32, 4)),
+    (2, 1, 8, 33, 2, (8, 2, 16, 2)),
 ]
 OPTIONS = [
     dict(use_D=True, use_z=True, use_bias=True, softplus=True),
@@ -115,8 +116,8 @@ def test_triton_values_and_gradients_match_the_reference(interpreted, groups, ba
     if opts is not OPTIONS[0] and groups not in (None, 3):  # the option matrix on two shapes keeps this file fast
         pytest.skip("options are covered on the ungrouped and the 3-group shape")
     inputs = make_inputs(batch, dim, length, n, groups)
-    config = interpreted.ScanConfig(block_l=blocks[0], block_d=blocks[1], num_warps=4, bwd_block_d=blocks[1],
-                                    bwd_num_warps=4)
+    config = interpreted.ScanConfig(block_l=blocks[0], block_d=blocks[1], num_warps=4, bwd_block_l=blocks[2],
+                                    bwd_block_d=blocks[3], bwd_num_warps=1)
     result = run(selective_scan_triton, inputs, config=config, **opts)
     reference = run(selective_scan_reference, inputs, dtype=torch.float64, **opts)
     reference = (reference[0].float(), reference[1].float(),
@@ -139,7 +140,7 @@ def test_triton_low_precision_inputs(interpreted, dtype):
 
 @in_interpreter
 def test_default_backend_call_matches_torch_backend(interpreted):
-    inputs = make_inputs(batch=1, dim=4, length=40, n=4, groups=2)  # default config: block_l 32, two chunks
+    inputs = make_inputs(batch=1, dim=4, length=300, n=4, groups=2)  # default config: backward chunks of 128
     result = run(lambda *a, **k: selective_scan(*a, backend="triton", **k), inputs)
     expected = run(selective_scan_torch, inputs)
     assert_matches(result, expected, 1e-5)
@@ -151,10 +152,10 @@ def test_triton_saves_chunk_start_states_only(interpreted):
     saved = []
     with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
         selective_scan_triton(**inputs, delta_softplus=True,
-                              config=interpreted.ScanConfig(block_l=16, block_d=2, num_warps=4, bwd_block_d=2,
-                                                            bwd_num_warps=4))
+                              config=interpreted.ScanConfig(block_l=8, block_d=2, num_warps=4, bwd_block_l=16,
+                                                            bwd_block_d=2, bwd_num_warps=1))
     states = [t for t in saved if t.dim() == 4 and t.shape[-1] == 4 and t.shape[-2] == 5]
-    assert [tuple(t.shape) for t in states] == [(2, 3, 5, 4)]  # (batch, ceil(40 / 16), dim, N)
+    assert [tuple(t.shape) for t in states] == [(2, 3, 5, 4)]  # (batch, ceil(40 / bwd_block_l), dim, N)
     assert max(t.numel() for t in saved) == 2 * 5 * 40  # nothing larger than u
 
 
@@ -163,10 +164,11 @@ def test_triton_backend_selection(interpreted, monkeypatch):
     monkeypatch.delenv("NNUNET_MAMBA_BACKEND", raising=False)
     assert resolve_backend(torch.device("cpu")) == "torch"  # the interpreter is for tests, never picked by auto
     assert resolve_backend(torch.device("cpu"), "triton") == "triton"
-    monkeypatch.setattr(scan_module, "_mamba_ssm_scan", lambda: (None, "ModuleNotFoundError: mamba_ssm"))
+    monkeypatch.setattr(scan_module, "_mamba_ssm_kernels", lambda: (None, "ModuleNotFoundError: mamba_ssm"))
     assert resolve_backend(torch.device("cuda")) == "triton"
+    monkeypatch.setattr(scan_module, "_mamba_ssm_kernels", lambda: (object(), None))
+    assert resolve_backend(torch.device("cuda")) == "cuda"  # both can run: mamba-ssm first
     monkeypatch.setattr(scan_module, "AUTO_CUDA_PREFERENCE", ("triton", "cuda", "torch"))
-    monkeypatch.setattr(scan_module, "_mamba_ssm_scan", lambda: (object(), None))
     assert resolve_backend(torch.device("cuda")) == "triton"
 
 
@@ -176,7 +178,7 @@ def test_forcing_triton_without_triton_fails_clearly(monkeypatch):
     monkeypatch.setenv("NNUNET_MAMBA_BACKEND", "triton")
     with pytest.raises(BackendUnavailableError, match="triton cannot be imported.*NNUNET_MAMBA_BACKEND=torch"):
         selective_scan(**make_inputs())
-    monkeypatch.setattr(scan_module, "_mamba_ssm_scan", lambda: (None, "ModuleNotFoundError: mamba_ssm"))
+    monkeypatch.setattr(scan_module, "_mamba_ssm_kernels", lambda: (None, "ModuleNotFoundError: mamba_ssm"))
     monkeypatch.setenv("NNUNET_MAMBA_BACKEND", "auto")
     assert resolve_backend(torch.device("cuda")) == "torch"
 
@@ -237,6 +239,6 @@ def test_torch_op_passes_opcheck(optional):
 @pytest.mark.parametrize("optional", [True, False])
 def test_triton_op_passes_opcheck(interpreted, optional):
     inputs = {k: v.requires_grad_() for k, v in make_inputs(batch=1, dim=4, length=9, n=2, groups=2).items()}
-    # save_states, block_l, block_d, num_warps, bwd_block_d, bwd_num_warps
+    # save_states, block_l, block_d, num_warps, bwd_block_l, bwd_block_d, bwd_num_warps
     torch.library.opcheck(torch.ops.nnunet_mamba.selective_scan_triton_fwd.default,
-                          op_args(inputs, optional) + (True, 8, 2, 4, 2, 4))
+                          op_args(inputs, optional) + (True, 8, 2, 4, 8, 2, 1))

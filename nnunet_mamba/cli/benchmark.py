@@ -1,8 +1,9 @@
 """``nnunet-mamba benchmark``: training-step time, peak memory and parameters on the current device.
 
 One training step = nnU-Net's: forward under autocast (fp16 on CUDA), Dice+CE with deep supervision, backward
-through a GradScaler, SGD step. Networks are built from a plan preset (the reference plans of the original
-papers) or from a real nnU-Net plans file, with nnU-Net's PlainConvUNet available as the baseline.
+through a GradScaler, SGD step. With it the forward pass per image: GMACs (matmuls and convolutions) and GFLOPs
+(those, 2 per MAC, plus the selective scans). Networks are built from a plan preset (the reference plans of the
+original papers) or from a real nnU-Net plans file, with nnU-Net's PlainConvUNet available as the baseline.
 """
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ import json
 import math
 import statistics
 import time
-from typing import Dict, List
+from typing import Dict, List, Tuple
 
 import torch
 from torch import nn
@@ -20,6 +21,7 @@ from tqdm import tqdm
 
 from ..networks import get_network_spec, list_networks, plan_kwargs, resolve_plan_imports
 from ..ops import resolve_backend
+from ..ops.flops import register_scan_flops
 from ..planning import BASELINES, build_network, estimate_training_memory_gib, training_loss
 
 
@@ -78,7 +80,8 @@ def measure(name: str, plan: dict, batch: int, classes: int, device: torch.devic
 
 def measure_network(network: nn.Module, patch_size: List[int], batch: int, classes: int, device: torch.device,
                     steps: int, warmup: int, compile_network: bool) -> dict:
-    """One nnU-Net training step of ``network`` (1 input channel): time, peak memory, inference time, GMACs."""
+    """One nnU-Net training step of ``network`` (1 input channel): time, peak memory, inference time, and the
+    forward pass's GMACs and GFLOPs per image."""
     network = network.to(device)
     params = sum(p.numel() for p in network.parameters())
     model = torch.compile(network) if compile_network else network
@@ -108,11 +111,13 @@ def measure_network(network: nn.Module, patch_size: List[int], batch: int, class
             torch.nn.utils.clip_grad_norm_(network.parameters(), 12)
             optimizer.step()
 
+    warmup_start = time.perf_counter()
     for _ in range(warmup):
         step()
     if device.type == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
+    warmup_s = time.perf_counter() - warmup_start
     start = time.perf_counter()
     for _ in range(steps):
         step()
@@ -121,9 +126,9 @@ def measure_network(network: nn.Module, patch_size: List[int], batch: int, class
     elapsed = (time.perf_counter() - start) / steps
     peak = torch.cuda.max_memory_allocated() / 2 ** 30 if device.type == "cuda" else float("nan")
     infer_ms = _inference_ms(network, x[:1], use_amp, steps)
-    gmacs = _forward_gmacs(network, x[:1])
-    return {"params": params, "step_ms": elapsed * 1000, "peak_gib": peak, "infer_ms": infer_ms, "gmacs": gmacs,
-            "batch": batch, "patch": list(patch_size)}
+    flops, scan_flops = _forward_flops(network, x[:1])
+    return {"params": params, "step_ms": elapsed * 1000, "warmup_s": warmup_s, "peak_gib": peak, "infer_ms": infer_ms,
+            "gmacs": (flops - scan_flops) / 2e9, "gflops": flops / 1e9, "batch": batch, "patch": list(patch_size)}
 
 
 def _sync(device: torch.device) -> None:
@@ -150,17 +155,24 @@ def _inference_ms(network: nn.Module, image: torch.Tensor, use_amp: bool, repeat
 
 
 @torch.no_grad()
-def _forward_gmacs(network: nn.Module, image: torch.Tensor) -> float:
-    """Forward multiply-accumulates of one patch (torch.utils.flop_counter's FLOPs / 2, the unit papers report):
-    matmuls and convolutions; the selective scan's elementwise recurrence is not counted."""
+def _forward_flops(network: nn.Module, image: torch.Tensor) -> Tuple[int, int]:
+    """FLOPs of one forward pass of ``image`` by torch.utils.flop_counter, and the selective scans' share of them.
+
+    Matmuls and convolutions count 2 per multiply-accumulate (so the rest / 2 are the MACs papers report), the
+    scans by the formulas of :mod:`nnunet_mamba.ops.flops`. Not counted: elementwise ops and norms, and the scan and
+    conv1d inside mamba-ssm's fused ``mamba_inner_fn`` (the Mamba layer's path on CUDA with causal-conv1d), which
+    calls compiled kernels rather than custom ops.
+    """
     from torch.utils.flop_counter import FlopCounterMode
 
+    scan_ops = register_scan_flops()  # also ops defined since import; before the counter, which copies the registry
     network.eval()
     counter = FlopCounterMode(display=False)
     with counter:
         network(image)
     network.train()
-    return counter.get_total_flops() / 2e9
+    per_op = counter.get_flop_counts().get("Global", {})
+    return counter.get_total_flops(), sum(n for op, n in per_op.items() if op in scan_ops)
 
 
 def add_parser(sub) -> None:
@@ -224,9 +236,9 @@ def _median_rows(passes: List[List[dict]]) -> List[dict]:
     return rows
 
 
-COLUMNS = [("network", "network"), ("params", "params"), ("gmacs", "GMACs/img"), ("step_ms", "step ms"),
-           ("step_ratio", "x base"), ("peak_gib", "peak GiB"), ("peak_ratio", "x base"), ("est_gib", "est GiB"),
-           ("infer_ms", "infer ms"), ("backend", "backend")]
+COLUMNS = [("network", "network"), ("params", "params"), ("gmacs", "GMACs/img"), ("gflops", "GFLOPs/img"),
+           ("step_ms", "step ms"), ("step_ratio", "x base"), ("peak_gib", "peak GiB"), ("peak_ratio", "x base"),
+           ("est_gib", "est GiB"), ("infer_ms", "infer ms"), ("backend", "backend")]
 
 
 def _table_rows(rows: List[dict]) -> List[dict]:

@@ -1,9 +1,10 @@
-"""Low-level operators: the selective scan, its backends, and the cross (multi-direction) scan."""
+"""Low-level operators: the selective scan, its backends, the cross (multi-direction) scan, and their FLOP counts."""
 from .cross_scan import cross_selective_scan, inverse_orders, scan_orders
 from .selective_scan import (AUTO_CUDA_PREFERENCE, BACKEND_ENV, BACKENDS, TRITON_DTYPES, BackendUnavailableError,
                              cuda_backend_status, requested_backend, resolve_backend, selective_scan,
                              selective_scan_reference, selective_scan_torch, selective_scan_triton,
                              triton_backend_status)
+from . import flops  # noqa: F401  (registers the scans' FLOP formulas with torch's FlopCounterMode)
 
 __all__ = ["cross_selective_scan", "inverse_orders", "scan_orders",
            "AUTO_CUDA_PREFERENCE", "BACKEND_ENV", "BACKENDS", "TRITON_DTYPES", "BackendUnavailableError",
