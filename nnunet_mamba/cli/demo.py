@@ -56,6 +56,9 @@ def run(args: argparse.Namespace) -> int:
     # nnU-Net spawns this many worker processes for fingerprinting, validation and export; each one re-imports
     # torch, which costs more than it saves on images this small
     env.setdefault("nnUNet_def_n_proc", "1")
+    # compiling costs minutes (the first GPU epoch of the demo trainer took 121 s with it), never won back in two
+    # short epochs; real training keeps nnU-Net's default
+    env.setdefault("nnUNet_compile", "f")
     train_env = {} if "nnUNet_n_proc_DA" in os.environ or device != "cpu" else {"nnUNet_n_proc_DA": "0"}
     env.setdefault("PYTHONUNBUFFERED", "1")
     raw = make_dataset(env["nnUNet_raw"], DEMO_DATASET_ID, (args.size, args.size), n_train=args.cases, n_test=3)

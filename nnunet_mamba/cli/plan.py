@@ -44,5 +44,5 @@ def run(args: argparse.Namespace) -> int:
     print(f"wrote {path}\nnnU-Net's own trainer and predictor now build {args.arch} (preprocessed data is reused):\n"
           f"  nnUNetv2_train {dataset} CONFIG FOLD -p {plans_name}\n"
           f"  nnUNetv2_predict -i IN -o OUT -d {dataset} -c CONFIG -p {plans_name}\n"
-          "nnU-Net compiles the network on GPUs; without mamba-ssm set nnUNet_compile=f (see README).")
+          "nnU-Net compiles the network on GPUs (nnUNet_compile=f turns it off; see README).")
     return 0

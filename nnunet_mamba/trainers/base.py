@@ -91,16 +91,6 @@ class nnUNetTrainerMamba(nnUNetTrainer):
         self.print_to_log_file(f"nnunet-mamba: autocast dtype {dtype if self.device.type == 'cuda' else 'off (CPU)'}")
         super().on_train_start()
 
-    def _do_i_compile(self) -> bool:
-        # Measured on an H100 with mamba-ssm: U-Mamba Bot compiles and gets faster (53.5 vs 68.3 ms per 2D step),
-        # but U-Mamba Enc and Swin-UMamba were still recompiling after 150 s (dynamo breaks the graph at every
-        # scan and re-specialises on the sequence lengths), and our pure-PyTorch scan's chunk loop would be
-        # unrolled. So compilation is opt-in: nnUNet_compile=1.
-        if os.environ.get("nnUNet_compile", "").lower() in ("true", "1", "t"):
-            return super()._do_i_compile()
-        return False
-
-
 class ShortRunMixin:
     """Few, short epochs: for smoke tests and ``nnunet-mamba demo``, never for real training."""
 
