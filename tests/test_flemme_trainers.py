@@ -29,6 +29,7 @@ def loss_trainer(cls, network: nn.Module):
     trainer.network = network
     trainer.enable_deep_supervision = True
     trainer.is_ddp = False
+    trainer.device = torch.device("cpu")  # nnU-Net's _build_loss asks _do_i_compile, which looks at it
     trainer.label_manager = SimpleNamespace(has_regions=False, ignore_label=None)
     trainer.configuration_manager = SimpleNamespace(batch_dice=True, patch_size=[24, 40])
     trainer.print_to_log_file = lambda *args, **kwargs: None

@@ -60,7 +60,7 @@ def test_kernel_backends_ops_count_the_formula_from_their_own_argument_layouts(b
         args = (t["u"], t["delta"], t["A"], B, C, t["D"], t["z"], t["delta_bias"])
         with FlopCounterMode(display=False) as counter:
             if backend == "triton":
-                _, _, states = ops.selective_scan_triton_fwd(*args, True, True, 16, 16, 4, 128, 1, 1)
+                _, _, states = ops.selective_scan_triton_fwd(*args, True, True, 16, 16, 4, 128, 1, 1, False)
                 ops.selective_scan_triton_bwd(t["u"], None, *args, states, True, 128, 1, 1)
             else:
                 out, x, _ = ops.selective_scan_cuda_fwd(*args, True)

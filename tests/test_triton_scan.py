@@ -100,6 +100,7 @@ SHAPES = [
     (1, 1, 5, 16, 4, (8, 4, 8, 2)),
     (3, 2, 6, 5, 3, (16, 4, 32, 4)),
     (2, 1, 8, 33, 2, (8, 2, 16, 2)),
+    (1, 2, 3, 40, 3, (8, 2, 16, 1, True)),  # the forward in the backward's layout
 ]
 OPTIONS = [
     dict(use_D=True, use_z=True, use_bias=True, softplus=True),
@@ -117,7 +118,7 @@ def test_triton_values_and_gradients_match_the_reference(interpreted, groups, ba
         pytest.skip("options are covered on the ungrouped and the 3-group shape")
     inputs = make_inputs(batch, dim, length, n, groups)
     config = interpreted.ScanConfig(block_l=blocks[0], block_d=blocks[1], num_warps=4, bwd_block_l=blocks[2],
-                                    bwd_block_d=blocks[3], bwd_num_warps=1)
+                                    bwd_block_d=blocks[3], bwd_num_warps=1, fwd_rows=len(blocks) > 4)
     result = run(selective_scan_triton, inputs, config=config, **opts)
     reference = run(selective_scan_reference, inputs, dtype=torch.float64, **opts)
     reference = (reference[0].float(), reference[1].float(),
@@ -157,6 +158,15 @@ def test_triton_saves_chunk_start_states_only(interpreted):
     states = [t for t in saved if t.dim() == 4 and t.shape[-1] == 4 and t.shape[-2] == 5]
     assert [tuple(t.shape) for t in states] == [(2, 3, 5, 4)]  # (batch, ceil(40 / bwd_block_l), dim, N)
     assert max(t.numel() for t in saved) == 2 * 5 * 40  # nothing larger than u
+
+
+@in_interpreter
+def test_default_config_takes_the_row_layout_for_few_long_sequences(interpreted):
+    # Swin-UMamba's first stage (batch 12, 4 x 192 channels, 80 x 80 steps) and U-Mamba Enc 3D's (batch 2, 64
+    # channels, 128^3 steps)
+    assert not interpreted.default_config(192, 6400, 16, 12 * 4).fwd_rows
+    config = interpreted.default_config(64, 128 ** 3, 16, 2)
+    assert config.fwd_rows and config.bwd_block_l % 32 == 0
 
 
 @in_interpreter
@@ -239,6 +249,6 @@ def test_torch_op_passes_opcheck(optional):
 @pytest.mark.parametrize("optional", [True, False])
 def test_triton_op_passes_opcheck(interpreted, optional):
     inputs = {k: v.requires_grad_() for k, v in make_inputs(batch=1, dim=4, length=9, n=2, groups=2).items()}
-    # save_states, block_l, block_d, num_warps, bwd_block_l, bwd_block_d, bwd_num_warps
+    # save_states, block_l, block_d, num_warps, bwd_block_l, bwd_block_d, bwd_num_warps, fwd_rows
     torch.library.opcheck(torch.ops.nnunet_mamba.selective_scan_triton_fwd.default,
-                          op_args(inputs, optional) + (True, 8, 2, 4, 8, 2, 1))
+                          op_args(inputs, optional) + (True, 8, 2, 4, 8, 2, 1, False))

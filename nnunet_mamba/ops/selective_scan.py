@@ -499,15 +499,15 @@ _torch_scan_fwd.register_autograd(_torch_scan_grads, setup_context=_setup_torch_
 def _triton_scan_fwd(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional[Tensor],
                      z: Optional[Tensor], delta_bias: Optional[Tensor], delta_softplus: bool, save_states: bool,
                      block_l: int, block_d: int, num_warps: int, bwd_block_l: int, bwd_block_d: int,
-                     bwd_num_warps: int) -> Tuple[Tensor, Tensor, Tensor]:
+                     bwd_num_warps: int, fwd_rows: bool) -> Tuple[Tensor, Tensor, Tensor]:
     kernels = _triton_kernels()[0]
-    config = kernels.ScanConfig(block_l, block_d, num_warps, bwd_block_l, bwd_block_d, bwd_num_warps)
+    config = kernels.ScanConfig(block_l, block_d, num_warps, bwd_block_l, bwd_block_d, bwd_num_warps, fwd_rows)
     return kernels.scan_forward(u, delta, A, B, C, D, z, delta_bias, delta_softplus, save_states, config)
 
 
 @_triton_scan_fwd.register_fake
 def _(u, delta, A, B, C, D, z, delta_bias, delta_softplus, save_states, block_l, block_d, num_warps, bwd_block_l,
-      bwd_block_d, bwd_num_warps):
+      bwd_block_d, bwd_num_warps, fwd_rows):
     batch, dim, length = u.shape
     n = A.shape[1]
     chunks = (length + bwd_block_l - 1) // bwd_block_l
@@ -535,7 +535,7 @@ def _(grad_out, grad_last, u, delta, A, B, C, D, z, delta_bias, states, delta_so
 
 
 def _setup_triton_scan(ctx, inputs, output) -> None:
-    u, delta, A, B, C, D, z, delta_bias, delta_softplus, _, _, _, _, bwd_block_l, bwd_block_d, bwd_num_warps = inputs
+    u, delta, A, B, C, D, z, delta_bias, delta_softplus, _, _, _, _, bwd_block_l, bwd_block_d, bwd_num_warps, _ = inputs
     ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, output[2])
     ctx.settings = (delta_softplus, bwd_block_l, bwd_block_d, bwd_num_warps)
     ctx.mark_non_differentiable(output[2])
@@ -547,7 +547,7 @@ def _triton_scan_grads(ctx, grad_out, grad_last, _grad_states):
     grads = torch.ops.nnunet_mamba.selective_scan_triton_bwd(
         torch.zeros_like(u) if grad_out is None else grad_out, grad_last, u, delta, A, B, C, D, z, delta_bias,
         states, *ctx.settings)
-    return (*_from_op_outputs(grads, D, z, delta_bias), *[None] * 8)
+    return (*_from_op_outputs(grads, D, z, delta_bias), *[None] * 9)
 
 
 _triton_scan_fwd.register_autograd(_triton_scan_grads, setup_context=_setup_triton_scan)
@@ -665,12 +665,13 @@ def selective_scan_triton(u, delta, A, B, C, D=None, z=None, delta_bias=None, de
                             f"inputs, got {name} of {t.dtype}; use the torch backend for other dtypes")
     kernels = _triton_kernels()[0]
     if config is None:
-        config = kernels.default_config(u.shape[1] // _grouped(B).shape[1], u.shape[2], A.shape[1])
+        groups = _grouped(B).shape[1]
+        config = kernels.default_config(u.shape[1] // groups, u.shape[2], A.shape[1], u.shape[0] * groups)
     inputs = (u, delta, A, B, C, D, z, delta_bias)
     save_states = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in inputs)
     as_float32 = lambda t: None if t is None else t.float().contiguous()  # noqa: E731
     out, last, _ = torch.ops.nnunet_mamba.selective_scan_triton_fwd(
         u, delta, as_float32(A), B, C, as_float32(D), z, as_float32(delta_bias), delta_softplus, save_states,
         config.block_l, config.block_d, config.num_warps, config.bwd_block_l, config.bwd_block_d,
-        config.bwd_num_warps)
+        config.bwd_num_warps, config.fwd_rows)
     return (out, last) if return_last_state else out
