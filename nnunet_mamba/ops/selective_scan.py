@@ -53,9 +53,9 @@ logger = logging.getLogger("nnunet_mamba")
 BACKEND_ENV = "NNUNET_MAMBA_BACKEND"
 BACKENDS = ("auto", "cuda", "triton", "torch")
 # What ``auto`` picks for CUDA tensors: the first of these that can run (tensors on other devices get ``torch``).
-# mamba-ssm first although our Triton kernels beat it on long sequences alone (forward + backward 1.38x at
-# (12, 768, 6400) on an H100): inside networks they did not (Swin-UMamba's scans 48.5 vs 44.7 ms per step with Triton
-# from L = 1024 on; U-Mamba Enc 3D, 64 channels over 128^3 steps, 984 vs 369 ms per step).
+# mamba-ssm first although our Triton kernels beat it on long sequences alone (forward + backward 1.41x at
+# (12, 768, 6400) on an H100): inside networks they did not (Swin-UMamba's scans took 48.5 vs 44.7 ms of GPU time
+# per step with Triton from L = 1024 on; U-Mamba Enc 3D takes 404 vs 367 ms per step with Triton throughout).
 AUTO_CUDA_PREFERENCE = ("cuda", "triton", "torch")
 # Input dtypes of the triton backend (it computes in float32 whatever they are).
 TRITON_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
