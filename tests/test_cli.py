@@ -107,3 +107,39 @@ def test_benchmark_flemme_study_reports_times_relative_to_the_conv_network(capsy
     # counts (ConvBlock: 64 x 4 x 4 + 1 in its transposed conv; Swin/Mamba: 64 + 1 in the 1x1 head)
     assert [r["params"] for r in rows] == [3884193 + 1025, 4383570 + 65, 5536289 + 65]
     assert rows[0]["step_ratio"] == 1.0 and rows[2]["step_ratio"] == rows[2]["step_ms"] / rows[0]["step_ms"]
+
+
+def test_kernel_categories_name_what_kernels_compute():
+    from nnunet_mamba.cli.benchmark import kernel_category
+
+    names = {"void selective_scan_bwd_kernel<Selective_Scan_bwd_kernel_traits<32, 16>>": "scan",
+             "_selective_scan_fwd_kernel": "scan", "_cross_scan_bwd_kernel": "scan",
+             "nnunet_mamba::selective_scan_torch_fwd": "scan", "sm90_xmma_gemm_f16f16_f16f32_f32_tn": "matmul",
+             "aten::addmm": "matmul", "aten::mm": "matmul", "aten::convolution_backward": "convolution",
+             "void cudnn::engines_precompiled::nchwToNhwcKernel<__half>": "convolution",
+             "aten::native_layer_norm": "normalization", "aten::copy_": "copy/layout",
+             "void at::native::vectorized_elementwise_kernel<4, at::native::CUDAFunctor_add<float>>":
+                 "elementwise/other"}
+    assert {name: kernel_category(name) for name in names} == names
+
+
+def test_profiled_benchmark_step_is_split_by_category():
+    import torch
+    from torch import nn
+
+    import nnunet_mamba
+    from nnunet_mamba.cli import benchmark
+
+    plan = dict(input_channels=1, n_stages=3, features_per_stage=[8, 16, 16], conv_op=nn.Conv2d,
+                kernel_sizes=[[3, 3]] * 3, strides=[[1, 1]] + [[2, 2]] * 2, n_conv_per_stage=[1, 1, 1],
+                num_classes=2, n_conv_per_stage_decoder=[1, 1], conv_bias=True, norm_op=nn.InstanceNorm2d,
+                norm_op_kwargs={"eps": 1e-5, "affine": True}, nonlin=nn.LeakyReLU, nonlin_kwargs={"inplace": True},
+                deep_supervision=True)
+    network = nnunet_mamba.create_network("umamba_bot", **plan)
+    row = benchmark.measure_network(network, [24, 24], 1, 2, torch.device("cpu"), steps=1, warmup=0,
+                                    compile_network=False, profile=True)
+    categories = row["time_by_category"]
+    assert set(categories) <= {name for name, _ in benchmark.KERNEL_CATEGORIES} | {"elementwise/other"}
+    assert {"scan", "convolution", "normalization"} <= set(categories)  # the Mamba bottleneck's scan op is seen
+    assert all(ms > 0 for ms in categories.values())
+    assert list(categories.values()) == sorted(categories.values(), reverse=True)

@@ -11,9 +11,10 @@ import argparse
 import csv
 import json
 import math
+import re
 import statistics
 import time
-from typing import Dict, List, Tuple
+from typing import Callable, Dict, List, Tuple
 
 import torch
 from torch import nn
@@ -70,18 +71,53 @@ def build(name: str, plan: dict, in_channels: int, classes: int) -> nn.Module:
 
 
 def measure(name: str, plan: dict, batch: int, classes: int, device: torch.device, steps: int, warmup: int,
-            compile_network: bool) -> dict:
+            compile_network: bool, profile: bool = False) -> dict:
     torch.manual_seed(0)
     network = build(name, plan, 1, classes)
     backend = "-" if name in BASELINES else resolve_backend(device)
     return {"network": name, **measure_network(network, plan["patch_size"], batch, classes, device, steps, warmup,
-                                                compile_network), "backend": backend}
+                                                compile_network, profile), "backend": backend}
+
+
+# Kernel (CUDA) or operator (CPU) names by what they compute, first match wins; the rest is "elementwise/other".
+KERNEL_CATEGORIES = (
+    ("scan", r"selective_scan|scan_fwd|scan_bwd|cross_selective|cross_scan"),
+    ("matmul", r"gemm|xmma|cutlass|cublas|matmul|\bmm\b|addmm|bmm|linear|Kernel2"),
+    ("convolution", r"conv|cudnn|implicit|winograd|dgrad|wgrad"),
+    ("normalization", r"norm"),
+    ("copy/layout", r"copy|transpose|permute|\bcat\b|cat_|gather|scatter|index|flip|clone|contiguous"),
+)
+
+
+def kernel_category(name: str) -> str:
+    """The :data:`KERNEL_CATEGORIES` entry that a kernel or operator name falls in."""
+    return next((category for category, pattern in KERNEL_CATEGORIES if re.search(pattern, name, re.IGNORECASE)),
+                "elementwise/other")
+
+
+def _time_by_category(step: Callable[[], None], device: torch.device, steps: int) -> Dict[str, float]:
+    """Milliseconds per step by :func:`kernel_category`: GPU kernel time on CUDA, operators' own CPU time on CPU."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activity = ProfilerActivity.CUDA if device.type == "cuda" else ProfilerActivity.CPU
+    with profile(activities=[activity]) as prof:
+        for _ in range(steps):
+            step()
+        _sync(device)
+    totals: Dict[str, float] = {}
+    for event in prof.key_averages():
+        us = event.self_device_time_total if device.type == "cuda" else event.self_cpu_time_total
+        if us > 0:
+            category = kernel_category(event.key)
+            totals[category] = totals.get(category, 0.0) + us / steps / 1000
+    return dict(sorted(totals.items(), key=lambda kv: -kv[1]))
 
 
 def measure_network(network: nn.Module, patch_size: List[int], batch: int, classes: int, device: torch.device,
-                    steps: int, warmup: int, compile_network: bool) -> dict:
-    """One nnU-Net training step of ``network`` (1 input channel): time, peak memory, inference time, and the
-    forward pass's GMACs and GFLOPs per image."""
+                    steps: int, warmup: int, compile_network: bool, profile: bool = False) -> dict:
+    """One nnU-Net training step of ``network`` (1 input channel): time, peak memory, inference time, the forward
+    pass's GMACs and GFLOPs per image, the warm-up's seconds (compilation included), and with ``profile`` the step's
+    time by kernel category (``time_by_category``, from further profiled steps)."""
     network = network.to(device)
     params = sum(p.numel() for p in network.parameters())
     model = torch.compile(network) if compile_network else network
@@ -127,8 +163,12 @@ def measure_network(network: nn.Module, patch_size: List[int], batch: int, class
     peak = torch.cuda.max_memory_allocated() / 2 ** 30 if device.type == "cuda" else float("nan")
     infer_ms = _inference_ms(network, x[:1], use_amp, steps)
     flops, scan_flops = _forward_flops(network, x[:1])
-    return {"params": params, "step_ms": elapsed * 1000, "warmup_s": warmup_s, "peak_gib": peak, "infer_ms": infer_ms,
-            "gmacs": (flops - scan_flops) / 2e9, "gflops": flops / 1e9, "batch": batch, "patch": list(patch_size)}
+    result = {"params": params, "step_ms": elapsed * 1000, "warmup_s": warmup_s, "peak_gib": peak,
+              "infer_ms": infer_ms, "gmacs": (flops - scan_flops) / 2e9, "gflops": flops / 1e9, "batch": batch,
+              "patch": list(patch_size)}
+    if profile:
+        result["time_by_category"] = _time_by_category(step, device, steps)
+    return result
 
 
 def _sync(device: torch.device) -> None:
@@ -194,6 +234,9 @@ def add_parser(sub) -> None:
                         "drift by 20%% within minutes, so ratios from one pass can mislead (default: %(default)s)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--compile", action="store_true", help="torch.compile each network")
+    p.add_argument("--profile", action="store_true",
+                   help="also profile each network's step: milliseconds per step by kernel category (scan, matmul, "
+                        "convolution, normalization, copy/layout, elementwise/other); GPU kernel time on CUDA")
     p.add_argument("--estimate", action="store_true",
                    help="also print the planner's CPU estimate of the peak memory (column est GiB)")
     p.add_argument("--json", help="also write the results to this file")
@@ -391,7 +434,7 @@ def run(args: argparse.Namespace) -> int:
         passes.append([])
         for name in names:
             passes[-1].append(measure(name, plan, batch, args.classes, device, args.steps, args.warmup,
-                                      args.compile))
+                                      args.compile, args.profile))
             if device.type == "cuda":
                 torch.cuda.empty_cache()  # the previous network is gone; start the next from a clean pool
     rows = _median_rows(passes)
@@ -409,5 +452,11 @@ def run(args: argparse.Namespace) -> int:
     print(line([t for _, t in columns]))
     for r in rows:
         print(line([_format(k, r.get(k, float("nan"))) for k, _ in columns]))
+    for r in rows:
+        if "time_by_category" in r:
+            total = sum(r["time_by_category"].values())
+            print(f"{r['network']}: {total:.1f} ms of {'GPU kernel' if device.type == 'cuda' else 'operator'} time "
+                  f"per step: " + ", ".join(f"{k} {v:.1f} ({100 * v / total:.0f}%)"
+                                            for k, v in r["time_by_category"].items()))
     _write_results(args, where, header, rows)
     return 0
