@@ -76,14 +76,50 @@ def test_patch_operations(dim):
     assert isinstance(PatchExpanding(4 * math.prod(factor), 4, factor).expand, torch.nn.Identity)
 
 
-def test_patch_merging_and_expanding_are_space_to_depth_and_back():
+def test_patch_merging_concatenates_in_the_original_order():
+    # flemme/block/swin.py PatchMergingBlock.merge (commit 0be9dade): the first axis' offset varies fastest
     x = torch.randn(2, 4, 6, 3)
-    neighbourhoods = torch.cat([x[:, i::2, j::3] for i in range(2) for j in range(3)], -1)  # offsets outermost
-    merging = PatchMerging(3, 18, (2, 3))
+    original_2d = torch.cat([x[:, 0::2, 0::2], x[:, 1::2, 0::2], x[:, 0::2, 1::2], x[:, 1::2, 1::2]], -1)
+    v = torch.randn(1, 4, 2, 6, 3)
+    original_3d = torch.cat([v[:, 0::2, 0::2, 0::2], v[:, 1::2, 0::2, 0::2], v[:, 0::2, 1::2, 0::2],
+                             v[:, 1::2, 1::2, 0::2], v[:, 0::2, 0::2, 1::2], v[:, 1::2, 0::2, 1::2],
+                             v[:, 0::2, 1::2, 1::2], v[:, 1::2, 1::2, 1::2]], -1)
+    # an anisotropic factor extends that order
+    anisotropic = torch.cat([x[:, i::2, j::3] for j in range(3) for i in range(2)], -1)
+    for tokens, factor, expected in ((x, (2, 2), original_2d), (v, (2, 2, 2), original_3d), (x, (2, 3), anisotropic)):
+        merging = PatchMerging(3, expected.shape[-1], factor)
+        with torch.no_grad():
+            merging.reduction.weight.copy_(torch.eye(expected.shape[-1]))
+        torch.testing.assert_close(merging(tokens), merging.norm(expected), rtol=0, atol=0)
+
+
+def test_patch_expanding_is_depth_to_space():
+    # the original's rearrange 'b h w (p1 p2 c) -> b (h p1) (w p2) c': the first axis' offset varies slowest
+    y = torch.randn(2, 2, 2, 6 * 3)
+    expected = y.unflatten(-1, (2, 3, 3)).permute(0, 1, 3, 2, 4, 5).reshape(2, 4, 6, 3)
+    torch.testing.assert_close(PatchExpanding(18, 3, (2, 3), norm=False)(y), expected, rtol=0, atol=0)
+
+
+def _hand_mlp(block, x):
+    """The original's MLP (Linear-SiLU-Linear-SiLU, flemme/block/common.py DenseBlocks) from the block's weights."""
+    first, second = block.mlp[0], block.mlp[2]
+    return F.silu(F.linear(F.silu(F.linear(x, first.weight, first.bias)), second.weight, second.bias))
+
+
+@pytest.mark.parametrize("dim", [2, 3])
+def test_token_block_mlps_activate_their_output_as_the_original(dim):
+    # with the token mixer's output projection zeroed, a block is fc(x) + MLP(LN(x)) (Swin) or fc(x) + MLP(x)
+    # (Mamba, no norm before its MLP); the MLP written out by hand
+    torch.manual_seed(0)
+    x = torch.randn(1, *SIZES[dim], 6, dtype=torch.float64)
+    swin = SwinBlock(6, 8, [4] * dim, num_heads=2).double().eval()
+    mamba = MambaBlock(6, 8, dim).double().eval()
     with torch.no_grad():
-        merging.reduction.weight.copy_(torch.eye(18))
-    torch.testing.assert_close(merging(x), merging.norm(neighbourhoods))
-    torch.testing.assert_close(PatchExpanding(18, 3, (2, 3), norm=False)(neighbourhoods), x)
+        swin.attn.proj.weight.zero_()
+        swin.attn.proj.bias.zero_()
+        mamba.out_proj.weight.zero_()
+    torch.testing.assert_close(swin(x), swin.fc(x) + _hand_mlp(swin, swin.norm2(x)))
+    torch.testing.assert_close(mamba(x), mamba.fc(x) + _hand_mlp(mamba, x))
 
 
 @pytest.mark.parametrize("dim", [2, 3])
