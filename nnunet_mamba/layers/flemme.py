@@ -13,7 +13,8 @@ Token blocks work on channels-last maps (batch, *spatial, C), as the original's:
     Res*Block        two blocks, act(b2(b1(x)) + shortcut(x)); a Swin pair is one W-MSA and one SW-MSA block
     MLP              Linear-act-Linear-act, as the original's (its DenseBlocks all activate, the last included)
 Patch operations (token networks): PatchEmbedding (strided conv), PatchMerging (neighbours concatenated in the
-original's order, linear, LN), PatchExpanding (linear, depth-to-space, LN), PatchRecovery (linear depth-to-space, 1x1 conv to the classes).
+original's order, linear, LN), PatchExpanding (linear, depth-to-space, LN), PatchRecovery (linear
+depth-to-space, 1x1 conv to the classes).
 CombinationLayer is H-SeM's fusion (paper Eq. 12).
 
 Parameters (names aside) are the original's, so the networks built from these blocks reproduce the paper's

@@ -187,7 +187,8 @@ class ViMEncoder(nn.Module):
             table = torch.cat([table[:, :built], table[:, built + 1:]], dim=1)
         table = table.reshape(1, *self.grid_size, self.embed_dim).permute(0, 3, 1, 2)
         dtype = torch.promote_types(table.dtype, torch.float32)
-        table = F.interpolate(table.to(dtype), size=grid, mode="bicubic", align_corners=False).flatten(2).transpose(1, 2)
+        table = F.interpolate(table.to(dtype), size=grid, mode="bicubic", align_corners=False)
+        table = table.flatten(2).transpose(1, 2)
         index = self.cls_index(grid[0] * grid[1])
         if index is None:
             return table
