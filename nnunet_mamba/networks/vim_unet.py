@@ -22,7 +22,8 @@ Encoder configurations (``configuration``, :data:`VIM_CONFIGURATIONS`):
   whose sum the block adds) by Vim's ``VisionRotaryEmbeddingFast(embed_dim // 2, pt_seq_len=14,
   ft_seq_len=grid)`` (``vim/rope.py``; :func:`rope_angles`): the first half of the channels by the token's row,
   the second by its column, each position scaled to a 14-token grid, token 0 (the class token) not rotated.
-  The two scan directions are summed (not averaged).
+  The two scan directions are summed (not averaged). Vim builds the rotation table for one square grid; here it
+  is built for the grid of each input (each axis scaled to 14 by its own length), so any patch size works.
 - ``"later"``: torch-em from commit 00c72189 on (``get_vim_encoder``: ``if_rope=False``, ``if_divide_out=True``,
   ``use_middle_cls_token=True``): the class token is inserted at position M // 2 of the M patch tokens, no rotary
   embedding, the directions averaged; its ``forward`` still removes the FIRST token, so patch token 0 is dropped
