@@ -5,10 +5,12 @@
 - :func:`state_dict_mismatch` / :func:`check_state_dict`: compare a state dict with expected keys and shapes.
 - :func:`convert_checkpoint`: an nnU-Net checkpoint written by the original U-Mamba or Swin-UMamba repositories
   (their vendored nnU-Net of the 2.2 era) into one that nnU-Net 2.8 and our trainers load.
+- :func:`convert_flemme_state_dict`: the original Flemme's SeM Swin-U / Mamba-U weights renamed into ours.
 """
 from __future__ import annotations
 
 import pickle
+import re
 import sys
 from collections import OrderedDict
 from contextlib import nullcontext
@@ -192,3 +194,76 @@ def convert_checkpoint(checkpoint: Mapping[str, Any], trainer_name: Optional[str
     weights = convert_umamba_state_dict(weights) if family == "umamba" else dict(weights)
     init_args = {k: v for k, v in checkpoint["init_args"].items() if k not in REMOVED_INIT_ARGS}
     return {**checkpoint, "network_weights": weights, "init_args": init_args, "trainer_name": trainer_name or ours}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Flemme (wlsdzyzl/flemme, first public release, commit 0be9dade): SeM Swin-U and Mamba-U state dicts
+
+# Module containers, original -> ours (flemme/model/encoder/swin.py, vmamba.py; a stage is a
+# MultipleBuildingBlocks, whose blocks sit under ``building_blocks.<j>``)
+_FLEMME_CONTAINERS = (
+    (r"encoder\.patch_emb\.conv\.", "encoder.patch_embed.proj."),
+    (r"encoder\.(?:d_trans|d_ssm)\.(\d+)\.building_blocks\.(\d+)\.", r"encoder.stages.\1.\2."),
+    (r"encoder\.middle\.(\d+)\.building_blocks\.(\d+)\.", r"encoder.middle.\1.\2."),
+    (r"encoder\.down\.(\d+)\.(reduction|norm)\.", r"encoder.downsamples.\1.\2."),
+    (r"decoder\.up\.(\d+)\.(expand|norm)\.", r"decoder.upsamples.\1.\2."),
+    (r"decoder\.(?:u_trans|u_ssm)\.(\d+)\.building_blocks\.(\d+)\.", r"decoder.stages.\1.\2."),
+    (r"decoder\.patch_recov\.expand\.expand\.", "decoder.recovery.expand.expand."),
+    (r"decoder\.patch_recov\.conv\.", "decoder.recovery.proj."),
+)
+# Inside a SwinTransformerBlock / VMambaBlock (flemme/block/swin.py, vmamba.py, common.py): norms are NormBlocks
+# holding ``norm``, MLPs a MultiLayerPerceptionBlock of DenseBlocks (``mlp.<i>.linear``), the Swin width change a
+# Linear ``dense``, the Mamba one a DenseBlock ``fc``
+_FLEMME_BLOCK_PARTS = (
+    (r"norm([12])\.norm\.", r"norm\1."),
+    (r"atten\.(qkv|proj)\.", r"attn.\1."),
+    (r"atten\.relative_position_bias_table$", "attn.relative_position_bias_table"),
+    (r"mlp\.mlp\.0\.linear\.", "mlp.0."),
+    (r"mlp\.mlp\.1\.linear\.", "mlp.2."),
+    (r"dense\.", "fc."),
+    (r"fc\.linear\.", "fc."),
+    (r"(in_proj\.|out_proj\.|conv\.|x_proj_weight$|dt_projs_weight$|dt_projs_bias$|A_logs$|Ds$)", r"\1"),
+)
+# buffers the original keeps in its state dict and we compute
+_FLEMME_BUFFERS = re.compile(r"(atten\.relative_position_index|atten_mask)$")
+
+
+def convert_flemme_state_dict(state_dict: Mapping[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+    """Rename the state dict of an original Flemme SeM network with Swin or VMamba blocks (Swin-U, Mamba-U:
+    ``SwinUNetEncoder``/``SwinUNetDecoder``, ``VMambaUNetEncoder``/``VMambaUNetDecoder``, plain building blocks,
+    no ``final`` decoder layers) into ours, :class:`nnunet_mamba.networks.flemme.FlemmeNet` built with the same
+    widths, strides and block counts (e.g. :func:`~nnunet_mamba.networks.flemme.flemme_table3`).
+
+    Tensors are renamed, never changed: our blocks compute the original's function (MLP activations, patch
+    merging order), and the window attention's index table and mask buffers are dropped (we build them). The
+    layout was established by reading the original's code, not by loading one of its checkpoints. Other Flemme
+    networks (the convolution family, residual building blocks, H-SeM's side blocks and combination) are not
+    covered: a key this function cannot place raises :class:`CheckpointError`.
+    """
+    converted: Dict[str, torch.Tensor] = {}
+    unplaced = []
+    for key, value in state_dict.items():
+        if _FLEMME_BUFFERS.search(key):
+            continue
+        for pattern, replacement in _FLEMME_CONTAINERS:
+            match = re.match(pattern, key)
+            if match:
+                break
+        else:
+            unplaced.append(key)
+            continue
+        head, rest = match.expand(replacement), key[match.end():]
+        if "stages." in head or "middle." in head:
+            for part, ours in _FLEMME_BLOCK_PARTS:
+                block_match = re.match(part, rest)
+                if block_match:
+                    rest = block_match.expand(ours) + rest[block_match.end():]
+                    break
+            else:
+                unplaced.append(key)
+                continue
+        converted[head + rest] = value
+    if unplaced:
+        raise CheckpointError(f"{len(unplaced)} key(s) of the Flemme state dict have no place in our network "
+                              f"(only SeM Swin-U / Mamba-U with plain blocks convert): {_listing(unplaced, 5)}")
+    return converted

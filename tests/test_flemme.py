@@ -76,14 +76,50 @@ def test_patch_operations(dim):
     assert isinstance(PatchExpanding(4 * math.prod(factor), 4, factor).expand, torch.nn.Identity)
 
 
-def test_patch_merging_and_expanding_are_space_to_depth_and_back():
+def test_patch_merging_concatenates_in_the_original_order():
+    # flemme/block/swin.py PatchMergingBlock.merge (commit 0be9dade): the first axis' offset varies fastest
     x = torch.randn(2, 4, 6, 3)
-    neighbourhoods = torch.cat([x[:, i::2, j::3] for i in range(2) for j in range(3)], -1)  # offsets outermost
-    merging = PatchMerging(3, 18, (2, 3))
+    original_2d = torch.cat([x[:, 0::2, 0::2], x[:, 1::2, 0::2], x[:, 0::2, 1::2], x[:, 1::2, 1::2]], -1)
+    v = torch.randn(1, 4, 2, 6, 3)
+    original_3d = torch.cat([v[:, 0::2, 0::2, 0::2], v[:, 1::2, 0::2, 0::2], v[:, 0::2, 1::2, 0::2],
+                             v[:, 1::2, 1::2, 0::2], v[:, 0::2, 0::2, 1::2], v[:, 1::2, 0::2, 1::2],
+                             v[:, 0::2, 1::2, 1::2], v[:, 1::2, 1::2, 1::2]], -1)
+    # an anisotropic factor extends that order
+    anisotropic = torch.cat([x[:, i::2, j::3] for j in range(3) for i in range(2)], -1)
+    for tokens, factor, expected in ((x, (2, 2), original_2d), (v, (2, 2, 2), original_3d), (x, (2, 3), anisotropic)):
+        merging = PatchMerging(3, expected.shape[-1], factor)
+        with torch.no_grad():
+            merging.reduction.weight.copy_(torch.eye(expected.shape[-1]))
+        torch.testing.assert_close(merging(tokens), merging.norm(expected), rtol=0, atol=0)
+
+
+def test_patch_expanding_is_depth_to_space():
+    # the original's rearrange 'b h w (p1 p2 c) -> b (h p1) (w p2) c': the first axis' offset varies slowest
+    y = torch.randn(2, 2, 2, 6 * 3)
+    expected = y.unflatten(-1, (2, 3, 3)).permute(0, 1, 3, 2, 4, 5).reshape(2, 4, 6, 3)
+    torch.testing.assert_close(PatchExpanding(18, 3, (2, 3), norm=False)(y), expected, rtol=0, atol=0)
+
+
+def _hand_mlp(block, x):
+    """The original's MLP (Linear-SiLU-Linear-SiLU, flemme/block/common.py DenseBlocks) from the block's weights."""
+    first, second = block.mlp[0], block.mlp[2]
+    return F.silu(F.linear(F.silu(F.linear(x, first.weight, first.bias)), second.weight, second.bias))
+
+
+@pytest.mark.parametrize("dim", [2, 3])
+def test_token_block_mlps_activate_their_output_as_the_original(dim):
+    # with the token mixer's output projection zeroed, a block is fc(x) + MLP(LN(x)) (Swin) or fc(x) + MLP(x)
+    # (Mamba, no norm before its MLP); the MLP written out by hand
+    torch.manual_seed(0)
+    x = torch.randn(1, *SIZES[dim], 6, dtype=torch.float64)
+    swin = SwinBlock(6, 8, [4] * dim, num_heads=2).double().eval()
+    mamba = MambaBlock(6, 8, dim).double().eval()
     with torch.no_grad():
-        merging.reduction.weight.copy_(torch.eye(18))
-    torch.testing.assert_close(merging(x), merging.norm(neighbourhoods))
-    torch.testing.assert_close(PatchExpanding(18, 3, (2, 3), norm=False)(neighbourhoods), x)
+        swin.attn.proj.weight.zero_()
+        swin.attn.proj.bias.zero_()
+        mamba.out_proj.weight.zero_()
+    torch.testing.assert_close(swin(x), swin.fc(x) + _hand_mlp(swin, swin.norm2(x)))
+    torch.testing.assert_close(mamba(x), mamba.fc(x) + _hand_mlp(mamba, x))
 
 
 @pytest.mark.parametrize("dim", [2, 3])
@@ -319,3 +355,67 @@ def test_memory_estimate_under_fake_tensors_leaves_real_forwards_working():
         out = out[0] if isinstance(out, list) else out
         # a fake table in a cache would make this output fake too (with the right shape)
         assert not is_fake(out) and out.shape == (1, 3, *size) and out.isfinite().all()
+
+
+# ---- the original's state dicts ----------------------------------------------------------------------------------
+
+def _original_block_key(rest: str, mamba: bool) -> str:
+    """Our block parameter name as the original's (flemme/block/swin.py, vmamba.py, common.py at 0be9dade)."""
+    renames = [("norm1.", "norm1.norm."), ("norm2.", "norm2.norm."), ("attn.", "atten."),
+               ("mlp.0.", "mlp.mlp.0.linear."), ("mlp.2.", "mlp.mlp.1.linear."),
+               ("fc.", "fc.linear." if mamba else "dense.")]
+    for ours, original in renames:
+        if rest.startswith(ours):
+            return original + rest[len(ours):]
+    return rest
+
+
+_ORIGINAL_MODULES = {"encoder.patch_embed.proj.": "encoder.patch_emb.conv.", "encoder.downsamples.": "encoder.down.",
+                     "decoder.upsamples.": "decoder.up.", "decoder.recovery.proj.": "decoder.patch_recov.conv.",
+                     "decoder.recovery.expand.": "decoder.patch_recov.expand."}
+
+
+def original_flemme_state_dict(network, mamba: bool) -> dict:
+    """The state dict of the original network our ``network`` corresponds to, written out by hand."""
+    stage = "ssm" if mamba else "trans"
+    original = {}
+    for key, value in network.state_dict().items():
+        parts = key.split(".")
+        if parts[1] in ("stages", "middle"):
+            container = {"stages": f"d_{stage}" if parts[0] == "encoder" else f"u_{stage}", "middle": "middle"}
+            head = f"{parts[0]}.{container[parts[1]]}.{parts[2]}.building_blocks.{parts[3]}."
+            original[head + _original_block_key(".".join(parts[4:]), mamba)] = value
+        else:
+            ours = next(p for p in _ORIGINAL_MODULES if key.startswith(p))
+            original[_ORIGINAL_MODULES[ours] + key[len(ours):]] = value
+    return original
+
+
+@pytest.mark.parametrize("encoder", ["swinu", "mambau"])
+def test_original_flemme_state_dicts_convert_into_ours(encoder):
+    from nnunet_mamba.checkpoints import convert_flemme_state_dict
+
+    network = flemme_table3(encoder)
+    original = original_flemme_state_dict(network, mamba=encoder == "mambau")
+    # names read off the original's code
+    spot = {"swinu": ["encoder.patch_emb.conv.weight", "encoder.d_trans.0.building_blocks.1.norm1.norm.weight",
+                      "encoder.middle.1.building_blocks.0.atten.relative_position_bias_table",
+                      "encoder.d_trans.0.building_blocks.0.dense.weight", "decoder.up.0.expand.weight",
+                      "decoder.u_trans.1.building_blocks.0.mlp.mlp.1.linear.weight",
+                      "decoder.patch_recov.expand.expand.weight", "encoder.down.1.reduction.weight"],
+            "mambau": ["encoder.d_ssm.1.building_blocks.0.x_proj_weight", "encoder.middle.0.building_blocks.1.Ds",
+                       "decoder.u_ssm.0.building_blocks.0.fc.linear.weight", "decoder.patch_recov.conv.bias",
+                       "encoder.d_ssm.0.building_blocks.0.mlp.mlp.0.linear.bias", "encoder.down.0.norm.bias"]}
+    assert set(spot[encoder]) <= set(original)
+    # the original's module totals (tests/reference/flemme_table3.json, counted from its code)
+    for module in load_manifest("flemme_table3")["networks"][encoder]["breakdown"]:
+        prefix = module["original"] + "."
+        assert sum(v.numel() for k, v in original.items() if k.startswith(prefix)) == module["parameters"]
+    # the original also stores the window attention's index table (and the shifted blocks' mask)
+    buffers = {"encoder.d_trans.0.building_blocks.0.atten.relative_position_index": torch.zeros(64, 64),
+               "encoder.d_trans.0.building_blocks.1.atten_mask": torch.zeros(4, 64, 64)} if encoder == "swinu" else {}
+    converted = convert_flemme_state_dict({**original, **buffers})
+    assert converted.keys() == network.state_dict().keys()
+    assert all(torch.equal(converted[k], v) for k, v in network.state_dict().items())
+    with pytest.raises(ValueError, match="no place"):
+        convert_flemme_state_dict({**original, "decoder.final.0.building_blocks.0.conv.weight": torch.zeros(1)})

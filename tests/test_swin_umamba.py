@@ -171,41 +171,65 @@ def test_patch_merging_and_expanding_match_their_definitions():
         torch.testing.assert_close(expand(x), expand.norm(shuffled))
 
 
-def test_loader_fills_swin_umamba_encoder_but_not_its_patch_embedding(full_networks, vmamba_checkpoint):
+def _clear_encoder(network):
+    with torch.no_grad():
+        for key, value in network.state_dict().items():
+            if key.startswith("vssm_encoder."):
+                value.zero_()
+
+
+@pytest.mark.parametrize("faithful", [True, False])
+def test_loader_fills_swin_umamba_encoder_but_not_its_patch_embedding(full_networks, vmamba_checkpoint, faithful):
     network = full_networks["swin_umamba_in1_cls14"]
+    _clear_encoder(network)  # the networks are shared between tests: undo an earlier test's loading
     before = {k: v.clone() for k, v in network.state_dict().items()}
-    report = load_vmamba_encoder(network, vmamba_checkpoint)
+    report = load_vmamba_encoder(network, vmamba_checkpoint, faithful=faithful)
     state = network.state_dict()
     key = "layers.2.blocks.8.self_attention.x_proj_weight"
     assert not torch.equal(before[f"vssm_encoder.{key}"], vmamba_checkpoint[key])
     assert torch.equal(state[f"vssm_encoder.{key}"], vmamba_checkpoint[key])
     assert torch.equal(state["vssm_encoder.downsamples.1.reduction.weight"],
                        vmamba_checkpoint["layers.1.downsample.reduction.weight"])
-    assert sorted(report.skipped) == sorted(["norm.weight", "norm.bias", "head.weight", "head.bias",
-                                             "patch_embed.proj.weight", "patch_embed.proj.bias",
-                                             "patch_embed.norm.weight", "patch_embed.norm.bias"])
-    assert len(report.loaded) == 212 - 8 and report.adapted == [] and report.missing == []
-    unchanged = [k for k in state if not k.startswith("vssm_encoder.") or ".patch_embed." in k]
+    # the original's skip list names patch_embed.norm.weight twice, so it loads patch_embed.norm.bias
+    embedding_skipped = ["patch_embed.proj.weight", "patch_embed.proj.bias", "patch_embed.norm.weight"]
+    embedding_skipped += [] if faithful else ["patch_embed.norm.bias"]
+    assert sorted(report.skipped) == sorted(["norm.weight", "norm.bias", "head.weight", "head.bias"]
+                                            + embedding_skipped)
+    assert len(report.loaded) == 212 - 4 - len(embedding_skipped) and report.adapted == [] and report.missing == []
+    bias = "vssm_encoder.patch_embed.norm.bias"
+    assert torch.equal(state[bias], vmamba_checkpoint["patch_embed.norm.bias"] if faithful else before[bias])
+    unchanged = [k for k in state if not k.startswith("vssm_encoder.") or (".patch_embed." in k and k != bias)]
     assert all(torch.equal(state[k], before[k]) for k in unchanged)
 
 
-@pytest.mark.parametrize("name, adapted", [("swin_umamba_d_in1_cls14", True), ("swin_umamba_d_in3_cls8", False)])
-def test_loader_fills_swin_umamba_d_encoder_and_adapts_its_patch_embedding(full_networks, vmamba_checkpoint,
-                                                                           name, adapted):
+@pytest.mark.parametrize("name, faithful, embedding", [("swin_umamba_d_in1_cls14", True, "skipped"),
+                                                       ("swin_umamba_d_in1_cls14", False, "adapted"),
+                                                       ("swin_umamba_d_in3_cls8", True, "loaded"),
+                                                       ("swin_umamba_d_in3_cls8", False, "loaded")])
+def test_loader_fills_swin_umamba_d_encoder_and_its_patch_embedding(full_networks, vmamba_checkpoint, name,
+                                                                    faithful, embedding):
     network = full_networks[name]
-    decoder_before = {k: v.clone() for k, v in network.decoder.state_dict().items()}
+    _clear_encoder(network)
+    before = {k: v.clone() for k, v in network.state_dict().items()}
     # a whole training checkpoint is accepted too: only its 'model' is read
-    report = load_vmamba_encoder(network, {"model": vmamba_checkpoint, "optimizer": {}, "epoch": 292})
+    report = load_vmamba_encoder(network, {"model": vmamba_checkpoint, "optimizer": {}, "epoch": 292},
+                                 faithful=faithful)
     state = network.state_dict()
-    assert len(report.loaded) == 212 - 4 and report.missing == []
+    keys = ["patch_embed.proj.weight", "patch_embed.proj.bias", "patch_embed.norm.weight", "patch_embed.norm.bias"]
+    assert len(report.loaded) == 212 - 4 - (4 if embedding == "skipped" else 0) and report.missing == []
+    assert sorted(report.skipped) == sorted(["norm.weight", "norm.bias", "head.weight", "head.bias"]
+                                            + (keys if embedding == "skipped" else []))
     assert torch.equal(state["vssm_encoder.layers.3.blocks.1.self_attention.dt_projs_bias"],
                        vmamba_checkpoint["layers.3.blocks.1.self_attention.dt_projs_bias"])
-    assert torch.equal(state["vssm_encoder.patch_embed.norm.bias"], vmamba_checkpoint["patch_embed.norm.bias"])
-    rgb = vmamba_checkpoint["patch_embed.proj.weight"]
-    expected = rgb.sum(dim=1, keepdim=True) if adapted else rgb  # 1 channel: a grey image seen as R = G = B
-    torch.testing.assert_close(state["vssm_encoder.patch_embed.proj.weight"], expected)
-    assert report.adapted == (["vssm_encoder.patch_embed.proj.weight"] if adapted else [])
-    assert all(torch.equal(v, decoder_before[k]) for k, v in network.decoder.state_dict().items())
+    if embedding == "skipped":  # the original: a kernel for other than the network's channels skips all four
+        assert all(torch.equal(state[f"vssm_encoder.{k}"], before[f"vssm_encoder.{k}"]) for k in keys)
+    else:
+        assert all(torch.equal(state[f"vssm_encoder.{k}"], vmamba_checkpoint[k]) for k in keys[1:])
+        rgb = vmamba_checkpoint["patch_embed.proj.weight"]
+        expected = rgb.sum(dim=1, keepdim=True) if embedding == "adapted" else rgb  # grey seen as R = G = B
+        torch.testing.assert_close(state["vssm_encoder.patch_embed.proj.weight"], expected)
+    assert report.adapted == (["vssm_encoder.patch_embed.proj.weight"] if embedding == "adapted" else [])
+    assert all(torch.equal(v, before[k]) for k, v in state.items() if not k.startswith("vssm_encoder."))
 
 
 def test_loader_rejects_foreign_and_mismatched_checkpoints(vmamba_checkpoint):
@@ -231,3 +255,14 @@ def test_loader_strictness_on_missing_and_unexpected_keys(full_networks, vmamba_
     with pytest.raises(ValueError, match="unexpected"):
         load_vmamba_encoder(network, deeper)
     assert load_vmamba_encoder(network, deeper, strict=False).unexpected == ["layers.2.blocks.9.ln_1.weight"]
+
+
+def test_pretrained_trainers_load_as_the_original_unless_named_adapted():
+    from nnunet_mamba.trainers import (nnUNetTrainerSwinUMamba, nnUNetTrainerSwinUMambaAdaptedLoading,
+                                       nnUNetTrainerSwinUMambaD, nnUNetTrainerSwinUMambaDAdaptedLoading)
+
+    assert nnUNetTrainerSwinUMamba.faithful_loading and nnUNetTrainerSwinUMambaD.faithful_loading
+    for trainer, network in ((nnUNetTrainerSwinUMambaAdaptedLoading, "swin_umamba"),
+                             (nnUNetTrainerSwinUMambaDAdaptedLoading, "swin_umamba_d")):
+        assert not trainer.faithful_loading and trainer.network_name == network
+        assert trainer.pretrained_weights == "vmamba-tiny" and trainer.freeze_epochs == 10

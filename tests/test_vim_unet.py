@@ -1,3 +1,5 @@
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -6,7 +8,10 @@ from torch import nn
 from nnunet_mamba.layers.bimamba import BiMamba
 from nnunet_mamba.layers.mamba import Mamba
 from nnunet_mamba.networks.registry import create_network, get_network_spec
-from nnunet_mamba.networks.vim_unet import ViMUNet
+from nnunet_mamba.networks.vim_unet import VIM_CONFIGURATIONS, ViMUNet, apply_rope, rope_angles
+
+# small networks: one thread (see conftest.one_thread)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 SMALL = dict(embed_dim=32, depth=2)  # shape tests: a 2-block, 32-dim encoder with the real decoder
 
@@ -95,16 +100,100 @@ def test_three_dimensional_configurations_raise():
         ViMUNet(1, 2, **SMALL)
 
 
-def test_position_embedding_is_interpolated_for_other_input_sizes():
+@pytest.mark.parametrize("configuration, cls_index", [("paper", 0), ("later", 3), ("later_no_cls", None)])
+def test_position_embedding_is_interpolated_for_other_input_sizes(configuration, cls_index):
     torch.manual_seed(0)
-    network = ViMUNet(1, 2, input_size=(40, 32), **SMALL).eval()  # a 3x2 token grid
+    network = ViMUNet(1, 2, input_size=(40, 32), configuration=configuration, **SMALL).eval()  # a 3x2 token grid
     encoder = network.encoder
     assert encoder.position_embedding((3, 2)) is encoder.pos_embed
-    table = encoder.pos_embed.reshape(1, 3, 2, -1).permute(0, 3, 1, 2)
+    table = encoder.pos_embed
+    if cls_index is not None:  # the class token's entry sits where the token does: 0, or 6 // 2 = 3
+        cls_entry = table[:, cls_index:cls_index + 1]
+        table = torch.cat([table[:, :cls_index], table[:, cls_index + 1:]], 1)
+    table = table.reshape(1, 3, 2, -1).permute(0, 3, 1, 2)
     expected = F.interpolate(table, size=(2, 4), mode="bicubic", align_corners=False).flatten(2).transpose(1, 2)
+    if cls_index is not None:  # 8 patches: the middle token goes to 4
+        at = 0 if configuration == "paper" else 4
+        expected = torch.cat([expected[:, :at], cls_entry, expected[:, at:]], 1)
     torch.testing.assert_close(encoder.position_embedding((2, 4)), expected)
     with torch.no_grad():
         assert network(torch.randn(1, 1, 30, 60)).shape == (1, 2, 30, 60)  # a 2x4 grid instead of 3x2
+
+
+def test_rope_angles_are_vims_formula():
+    # hustvl/Vim vim/rope.py VisionRotaryEmbeddingFast(dim=embed_dim // 2, pt_seq_len=14, ft_seq_len=grid):
+    # freqs_k = 10000^(-2k / half), k < half / 2, each used by a channel pair; the first half of the channels
+    # rotates by the row position i / gh * 14, the second by the column position j / gw * 14
+    grid, dim = (3, 5), 16
+    half = dim // 2
+    angles = rope_angles(grid, dim, dtype=torch.float64)
+    assert angles.shape == (15, dim)
+    for i in range(3):
+        for j in range(5):
+            for c in range(dim):
+                position = i / 3 * 14 if c < half else j / 5 * 14
+                k = (c % half) // 2
+                assert angles[i * 5 + j, c].item() == pytest.approx(position * 10000 ** (-2 * k / half), rel=1e-12)
+
+
+def test_apply_rope_rotates_channel_pairs():
+    theta = torch.tensor([[0.3, 0.3, -1.1, -1.1]], dtype=torch.float64)
+    x = torch.tensor([[1.0, 2.0, -0.5, 4.0]], dtype=torch.float64)
+    expected = [1 * math.cos(0.3) - 2 * math.sin(0.3), 2 * math.cos(0.3) + 1 * math.sin(0.3),
+                -0.5 * math.cos(-1.1) - 4 * math.sin(-1.1), 4 * math.cos(-1.1) - 0.5 * math.sin(-1.1)]
+    torch.testing.assert_close(apply_rope(x, theta), torch.tensor([expected], dtype=torch.float64))
+
+
+def vim_forward_reference(encoder, image):
+    """torch-em's ViM.forward_features + forward (paper time, commit 33239758, and later), written as Vim computes
+    it: Add -> Norm -> Mixer blocks carrying (hidden_states, residual), RoPE applied to both before every block
+    (token 0 left unrotated), the class token inserted before the position embedding is added, the first token
+    removed at the end. Uses the encoder's own parameters."""
+    x = encoder.patch_embed(image)
+    grid = tuple(x.shape[2:])
+    x = x.flatten(2).transpose(1, 2)
+    m = x.shape[1]
+    if encoder.cls_position is not None:
+        at = 0 if encoder.cls_position == "first" else m // 2
+        x = torch.cat([x[:, :at], encoder.cls_token.expand(x.shape[0], -1, -1), x[:, at:]], 1)
+    x = x + encoder.pos_embed
+    angles = torch.cat([torch.zeros(1, encoder.embed_dim, dtype=x.dtype), rope_angles(grid, encoder.embed_dim,
+                                                                                        dtype=x.dtype)])
+    hidden, residual = x, None
+    for layer in encoder.layers:
+        if encoder.rope:
+            hidden = apply_rope(hidden, angles)
+            residual = None if residual is None else apply_rope(residual, angles)
+        residual = hidden if residual is None else hidden + residual
+        hidden = layer.mixer(layer.norm(residual))
+    out = encoder.norm_f(hidden + residual)
+    if encoder.cls_position is not None:
+        out = out[:, 1:]
+    return out.transpose(1, 2).reshape(x.shape[0], -1, *grid)
+
+
+@pytest.mark.parametrize("configuration", sorted(VIM_CONFIGURATIONS))
+def test_encoder_equals_torch_ems_forward(configuration):
+    torch.manual_seed(0)
+    encoder = ViMUNet(1, 2, input_size=(48, 64), configuration=configuration, **SMALL).encoder.double().eval()
+    assert encoder.rope == (configuration == "paper")
+    assert all(layer.mixer.divide_out == (configuration != "paper") for layer in encoder.layers)
+    image = torch.randn(2, 1, 48, 64, dtype=torch.float64)
+    with torch.no_grad():
+        torch.testing.assert_close(encoder(image), vim_forward_reference(encoder, image))
+
+
+def test_paper_class_token_shapes_every_patch_token():
+    torch.manual_seed(0)
+    encoder = ViMUNet(1, 2, input_size=(48, 64), **SMALL).encoder.double().eval()
+    image = torch.randn(1, 1, 48, 64, dtype=torch.float64)
+    with torch.no_grad():
+        before = encoder(image)
+        encoder.cls_token.add_(1.0)
+        after = encoder(image)
+    assert ((before - after).abs().flatten(2).amin(-1) > 0).all()  # every token of every channel moved
+    assert not hasattr(ViMUNet(1, 2, input_size=(48, 64), configuration="later_no_cls", **SMALL).encoder,
+                       "cls_token")
 
 
 def test_registry_and_glue_kwargs():
@@ -117,14 +206,18 @@ def test_registry_and_glue_kwargs():
 
 
 # The paper-time torch-em models (3 input channels, 2 output channels, img_size 1024) have 18,499,690 (Tiny) and
-# 39,175,018 (Small) parameters; ours lack the ImageNet head, the class token and its position-embedding entry,
-# and add three deep-supervision heads (see the vim_unet module docstring).
-@pytest.mark.parametrize("name,embed_dim,paper,ours", [("vim_unet_tiny", 192, 18_499_690, 18_307_208),
-                                                       ("vim_unet_small", 384, 39_175_018, 38_790_152)])
+# 39,175,018 (Small) parameters; ours lack the ImageNet head and add three deep-supervision heads; the class token
+# and its position-embedding entry are there (see the vim_unet module docstring). RoPE has no parameters.
+@pytest.mark.parametrize("name,embed_dim,paper,ours", [("vim_unet_tiny", 192, 18_499_690, 18_307_592),
+                                                       ("vim_unet_small", 384, 39_175_018, 38_790_920)])
 def test_parameter_count_parity(name, embed_dim, paper, ours):
     network = create_network(name, input_channels=3, num_classes=2, input_size=(1024, 1024))
     assert sum(p.numel() for p in network.parameters()) == ours
     head = embed_dim * 1000 + 1000
-    cls_token = pos_embed_entry = embed_dim
     ds_heads = sum(c * 2 + 2 for c in (256, 128, 64))
-    assert ours == paper - head - cls_token - pos_embed_entry + ds_heads
+    assert ours == paper - head + ds_heads
+    # torch-em's with_cls_token=False: no class token, no position-embedding entry for it (one block suffices)
+    counts = {c: sum(p.numel() for p in create_network(name, input_channels=3, num_classes=2, depth=1,
+                                                       input_size=(1024, 1024), configuration=c).parameters())
+              for c in ("paper", "later_no_cls")}
+    assert counts["paper"] - counts["later_no_cls"] == 2 * embed_dim

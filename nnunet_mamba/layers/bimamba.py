@@ -13,7 +13,7 @@ chunked scan on the PyTorch backend) instead of two.
 :class:`ViMBlock` is Vim's block with ``rms_norm=True, residual_in_fp32=True``. Vim writes it as
 ``Add -> RMSNorm -> Mixer`` (to fuse the add with the norm), which is the usual pre-norm residual block
 ``x + DropPath(Mixer(RMSNorm(x)))`` with the sums regrouped; we write it the usual way. The residual stream is
-float32 whatever the autocast state.
+float32 whatever the autocast state (float64 for float64 inputs).
 """
 from __future__ import annotations
 
@@ -38,8 +38,8 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x32 = x.float()
-        out = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps) * self.weight.float()
+        x32 = x.to(torch.promote_types(x.dtype, torch.float32))  # float64 stays float64
+        out = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps) * self.weight.to(x32.dtype)
         return out.to(x.dtype)
 
 
@@ -98,7 +98,7 @@ class BiMamba(Mamba):
 
 
 class ViMBlock(nn.Module):
-    """Pre-norm residual block ``x + DropPath(BiMamba(RMSNorm(x)))`` on float32 tokens (batch, L, dim)."""
+    """Pre-norm residual block ``x + DropPath(BiMamba(RMSNorm(x)))`` on float32 (or float64) tokens (batch, L, dim)."""
 
     def __init__(self, dim: int, drop_path: float = 0.0, norm_eps: float = 1e-5, **mamba_kwargs) -> None:
         super().__init__()
@@ -107,5 +107,5 @@ class ViMBlock(nn.Module):
         self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
 
     def forward(self, residual: torch.Tensor) -> torch.Tensor:
-        residual = residual.float()
-        return residual + self.drop_path(self.mixer(self.norm(residual))).float()
+        residual = residual.to(torch.promote_types(residual.dtype, torch.float32))
+        return residual + self.drop_path(self.mixer(self.norm(residual))).to(residual.dtype)

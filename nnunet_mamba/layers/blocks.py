@@ -91,7 +91,7 @@ class MambaLayer(nn.Module):
                              f"{tuple(x.shape)}; channel-token layers only accept the spatial size they were "
                              f"built for (the network's input_size)")
         with torch.autocast(device_type=x.device.type, enabled=False):
-            x = x.float()
+            x = x.to(torch.promote_types(x.dtype, torch.float32))  # 16-bit inputs only; float64 stays
             tokens = x.flatten(2) if self.channel_token else x.flatten(2).transpose(1, 2)
             out = self.mamba(self.norm(tokens))
             if not self.channel_token:

@@ -11,15 +11,16 @@ Token blocks work on channels-last maps (batch, *spatial, C), as the original's:
     MambaBlock       paper Eq. 5: x + out_proj(LN(SSM(cross scan(act(dwconv(W x LN(x)))))) * act(z)), then
                      fc(x) + MLP(x) (the original has no norm before this MLP)
     Res*Block        two blocks, act(b2(b1(x)) + shortcut(x)); a Swin pair is one W-MSA and one SW-MSA block
-Patch operations (token networks): PatchEmbedding (strided conv), PatchMerging (neighbours concatenated, linear,
-LN), PatchExpanding (linear, depth-to-space, LN), PatchRecovery (linear depth-to-space, 1x1 conv to the classes).
+    MLP              Linear-act-Linear-act, as the original's (its DenseBlocks all activate, the last included)
+Patch operations (token networks): PatchEmbedding (strided conv), PatchMerging (neighbours concatenated in the
+original's order, linear, LN), PatchExpanding (linear, depth-to-space, LN), PatchRecovery (linear
+depth-to-space, 1x1 conv to the classes).
 CombinationLayer is H-SeM's fusion (paper Eq. 12).
 
 Parameters (names aside) are the original's, so the networks built from these blocks reproduce the paper's
 Table III counts exactly (tests/test_flemme.py): attention head width floor(C / heads) (3 heads on 32 channels
 use 30), Mamba state size ceil(C / 6) and dt rank ceil(C / 16), no Linear in a patch expansion whose output width
 already equals its input width. Deliberate differences in behaviour, none of which changes a parameter count:
-- MLPs are Linear-act-Linear; the original also activates the MLP output (its DenseBlock always activates).
 - The second block of a residual pair keeps its SiLU gate, conv activation and MLP activation; the original
   passes ``activation=None`` to it, which silently made its gate, conv and MLP linear.
 - Swin windows work on any map size: a map smaller than the window along an axis uses a window of the map's size
@@ -96,11 +97,16 @@ def strided_conv(conv_op: type[_ConvNd], input_channels: int, output_channels: i
 
 
 class TokenMLP(nn.Sequential):
-    """Linear (C -> ratio C), activation, Linear (-> output width)."""
+    """Linear (C -> ratio C), activation, Linear (-> output width), activation.
+
+    The original's ``MultiLayerPerceptionBlock`` (``flemme/block/common.py``, commit 0be9dade) is a chain of
+    ``DenseBlock``s, each linear -> activation, the last one included (``final_activation=True``, which its Swin
+    and Mamba blocks leave at the default), so the MLP's output is activated too.
+    """
 
     def __init__(self, input_channels: int, output_channels: int, ratio: float, nonlin: type[nn.Module]) -> None:
         hidden = int(input_channels * ratio)
-        super().__init__(nn.Linear(input_channels, hidden), nonlin(), nn.Linear(hidden, output_channels))
+        super().__init__(nn.Linear(input_channels, hidden), nonlin(), nn.Linear(hidden, output_channels), nonlin())
 
 
 class MultiHeadAttention(nn.Module):
@@ -172,14 +178,19 @@ class ResConvBlock(nn.Module):
 # Patch operations on channels-last maps
 
 
-def _space_to_depth(x: torch.Tensor, factor: Sequence[int]) -> torch.Tensor:
-    """(B, *S, C) -> (B, *S / f, prod(f) * C): each output token holds its f-neighbourhood, offsets outermost."""
+def _space_to_depth(x: torch.Tensor, factor: Sequence[int], first_axis_fastest: bool = False) -> torch.Tensor:
+    """(B, *S, C) -> (B, *S / f, prod(f) * C): each output token holds its f-neighbourhood, offsets outermost.
+
+    The neighbours are concatenated in C order of their offsets (the last axis' offset varies fastest), or, with
+    ``first_axis_fastest``, with the first axis' offset varying fastest (Flemme's patch merging)."""
     dim = len(factor)
     spatial = x.shape[1:-1]
     split = [n for size, f in zip(spatial, factor) for n in (size // f, f)]
     x = x.reshape(x.shape[0], *split, x.shape[-1])
     coarse = [1 + 2 * a for a in range(dim)]
     offsets = [2 + 2 * a for a in range(dim)]
+    if first_axis_fastest:
+        offsets.reverse()
     x = x.permute(0, *coarse, *offsets, 2 * dim + 1)
     return x.reshape(x.shape[0], *(size // f for size, f in zip(spatial, factor)), -1)
 
@@ -207,7 +218,14 @@ class PatchEmbedding(nn.Module):
 
 
 class PatchMerging(nn.Module):
-    """Swin's down-sampling: the ``factor`` neighbourhood concatenated, a bias-free linear map, LayerNorm."""
+    """Swin's down-sampling: the ``factor`` neighbourhood concatenated, a bias-free linear map, LayerNorm.
+
+    The neighbours are concatenated as the original's ``PatchMergingBlock`` (``flemme/block/swin.py``, commit
+    0be9dade) orders them, the first spatial axis' offset fastest: 2D [x(0::2, 0::2), x(1::2, 0::2),
+    x(0::2, 1::2), x(1::2, 1::2)], 3D x0..x7 with offsets (0,0,0), (1,0,0), (0,1,0), (1,1,0), (0,0,1), ...
+    The original merges by 2 on every axis (a factor 2^k is k such merges); other factors (an anisotropic stride
+    from the plans) extend that order: the first axis' offset fastest, the last's slowest.
+    """
 
     def __init__(self, input_channels: int, output_channels: int, factor: Sequence[int]) -> None:
         super().__init__()
@@ -216,7 +234,7 @@ class PatchMerging(nn.Module):
         self.norm = nn.LayerNorm(output_channels)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.norm(self.reduction(_space_to_depth(x, self.factor)))
+        return self.norm(self.reduction(_space_to_depth(x, self.factor, first_axis_fastest=True)))
 
 
 class PatchExpanding(nn.Module):

@@ -126,7 +126,8 @@ class ToM(nn.Module):
         length = spatial.numel()
         n_dir, d_inner, n = len(DIRECTIONS), self.d_inner, self.d_state
         with torch.autocast(device_type=x.device.type, enabled=False):
-            tokens = self.norm(x.float().flatten(2).transpose(1, 2))  # (batch, L, dim)
+            x = x.to(torch.promote_types(x.dtype, torch.float32))  # 16-bit inputs only; float64 stays
+            tokens = self.norm(x.flatten(2).transpose(1, 2))  # (batch, L, dim)
         # projections and the depthwise conv follow autocast; the scan and the merge run in float32 (see above)
         u, z = self.in_proj(tokens).transpose(1, 2).chunk(2, dim=1)  # (batch, d_inner, L) each
         orders = scan_orders(spatial, [ORDER_NAMES[d] for d in DIRECTIONS], device=x.device)

@@ -288,20 +288,30 @@ def _adaptable_rgb_kernel(checkpoint_shape: torch.Size, network_shape: torch.Siz
             and checkpoint_shape[0] == network_shape[0] and checkpoint_shape[2:] == network_shape[2:])
 
 
+# The original Swin-UMamba's skip list (swin_umamba/nnunetv2/nets/SwinUMamba.py load_pretrained_ckpt, JiarunLiu/
+# Swin-UMamba) names patch_embed.norm.weight twice and patch_embed.norm.bias not at all, so it loads that bias.
+_ORIGINAL_SWIN_UMAMBA_LOADS = frozenset({"patch_embed.norm.bias"})
+
+
 def load_vmamba_encoder(network: _SwinUMambaBase, checkpoint_state_dict: Mapping[str, torch.Tensor],
-                        strict: bool = True) -> EncoderLoadReport:
+                        strict: bool = True, faithful: bool = True) -> EncoderLoadReport:
     """Copy a VMamba v0 ImageNet checkpoint (e.g. VMamba-Tiny, ``vssmtiny_dp01_ckpt_epoch_292.pth``) into the
     encoder of a :class:`SwinUMamba` or :class:`SwinUMambaD`, in place.
 
     ``checkpoint_state_dict`` is the checkpoint's ``'model'`` dict; a whole training checkpoint holding one under
     ``'model'`` is accepted too (its other entries are ignored). Always left out: the classifier (``norm.*``,
-    ``head.*``). Swin-UMamba's patch embedding reads the 48-channel stem, not an image, so ``patch_embed.*`` is
-    left out there (the original meant to skip it as well; a typo in its skip list loaded only
-    ``patch_embed.norm.bias``). Swin-UMamba-dagger's patch embedding reads the image: with 3 input channels it
-    loads unchanged; otherwise the RGB kernel is adapted with timm's ``adapt_input_conv`` (1 channel: the sum
-    of the RGB kernels, i.e. a grey image seen as R = G = B; C channels: the RGB kernels cycled and scaled by 3/C
-    to keep the activation scale), where the original dropped the whole patch embedding. The decoders, the stem
-    and the conv skips stay as initialised.
+    ``head.*``). The decoders, the stem and the conv skips stay as initialised. The patch embedding:
+
+    - ``faithful=True`` (the default): exactly the original's ``load_pretrained_ckpt``
+      (JiarunLiu/Swin-UMamba, ``swin_umamba/nnunetv2/nets/SwinUMamba.py`` and ``SwinUMambaD.py``). Swin-UMamba
+      skips ``patch_embed.proj.*`` and ``patch_embed.norm.weight`` but loads ``patch_embed.norm.bias`` (its skip
+      list names ``norm.weight`` twice); Swin-UMamba-dagger loads all four ``patch_embed.*`` tensors when the
+      checkpoint's kernel has as many input channels as the network, and skips all four otherwise.
+    - ``faithful=False``: Swin-UMamba skips all of ``patch_embed.*`` (it reads the 48-channel stem, not an image:
+      what the original meant); Swin-UMamba-dagger with other than 3 input channels loads the patch embedding
+      with the RGB kernel adapted by timm's ``adapt_input_conv`` (1 channel: the sum of the RGB kernels, i.e. a
+      grey image seen as R = G = B; C channels: the RGB kernels cycled and scaled by 3/C to keep the activation
+      scale).
 
     Raises ValueError, before changing anything, when a tensor's shape does not fit, when nothing matches, and
     (``strict``) when the checkpoint has encoder-like keys the network lacks or lacks some of the encoder's.
@@ -315,19 +325,33 @@ def load_vmamba_encoder(network: _SwinUMambaBase, checkpoint_state_dict: Mapping
     report = EncoderLoadReport()
     pending: Dict[str, torch.Tensor] = {}
     mismatched = []
+    kernel = state.get("patch_embed.proj.weight")
+    channels = targets["vssm_encoder.patch_embed.proj.weight"].shape[1]
+    # the checkpoint's patch-embedding keys this call loads
+    if not network.patch_embed_reads_image:
+        embedding_loaded = _ORIGINAL_SWIN_UMAMBA_LOADS if faithful else frozenset()
+    elif faithful and torch.is_tensor(kernel) and kernel.dim() == 4 and kernel.shape[1] != channels:
+        embedding_loaded = frozenset()
+    else:
+        embedding_loaded = None  # all of them
     for key, value in state.items():
         if key in _CLASSIFIER_KEYS:
             report.skipped[key] = "ImageNet classifier (final norm and head)"
             continue
-        if key.startswith("patch_embed.") and not network.patch_embed_reads_image:
-            report.skipped[key] = "Swin-UMamba's patch embedding reads the 48-channel stem, not an RGB image"
+        if key.startswith("patch_embed.") and embedding_loaded is not None and key not in embedding_loaded:
+            if not network.patch_embed_reads_image:
+                report.skipped[key] = ("Swin-UMamba's patch embedding reads the 48-channel stem, not an RGB image"
+                                       + (" (the original's skip list)" if faithful else ""))
+            else:
+                report.skipped[key] = (f"the checkpoint's patch embedding reads {kernel.shape[1]} channels, the "
+                                       f"network's {channels} (the original skips it)")
             continue
         target = _encoder_key(key)
         if target not in targets or not torch.is_tensor(value):
             report.unexpected.append(key)
             continue
         expected = targets[target].shape
-        if key == "patch_embed.proj.weight" and _adaptable_rgb_kernel(value.shape, expected):
+        if key == "patch_embed.proj.weight" and not faithful and _adaptable_rgb_kernel(value.shape, expected):
             value = adapt_input_conv(expected[1], value)
             report.adapted.append(target)
         if value.shape != expected:
@@ -341,7 +365,9 @@ def load_vmamba_encoder(network: _SwinUMambaBase, checkpoint_state_dict: Mapping
         raise ValueError(f"no tensor of the checkpoint matches {type(network).__name__}'s encoder (expected VMamba "
                          f"v0 keys such as 'layers.0.blocks.0.self_attention.x_proj_weight'); first keys: "
                          f"{list(state)[:5]}")
-    loadable = [k for k in targets if network.patch_embed_reads_image or not k.startswith("vssm_encoder.patch_embed.")]
+    embedding = "vssm_encoder.patch_embed."
+    loadable = [k for k in targets if not k.startswith(embedding) or embedding_loaded is None
+                or k[len("vssm_encoder."):] in embedding_loaded]
     report.missing = [k for k in loadable if k not in pending]
     if strict and (report.unexpected or report.missing):
         raise ValueError(f"checkpoint and {type(network).__name__}'s encoder differ (a VMamba other than Tiny v0?): "

@@ -3,13 +3,33 @@
 Reimplements torch-em's ``get_vimunet_model`` (``torch_em/model/vim.py`` + ``UNETR(use_skip_connection=False)``),
 whose encoder is Vim's ``VisionMamba`` (hustvl/Vim, ``models_mamba.py``) as torch-em configures it.
 
-Encoder: 16x16 patch embedding (a strided convolution), a learnable absolute position embedding for the token grid
-of ``input_size`` (bicubically resampled when an input has another size), ``depth`` Vim blocks
-(:class:`~nnunet_mamba.layers.bimamba.ViMBlock`: RMSNorm, bidirectional Mamba, drop path rising linearly from 0 to
-``drop_path_rate``, float32 residual stream), a final RMSNorm, and the tokens reshaped to a 1/16 feature map.
+Encoder: 16x16 patch embedding (a strided convolution), a class token, a learnable absolute position embedding
+for the token grid of ``input_size`` (the class token's entry included; the patch entries bicubically resampled
+when an input has another size), ``depth`` Vim blocks (:class:`~nnunet_mamba.layers.bimamba.ViMBlock`: RMSNorm,
+bidirectional Mamba, drop path rising linearly from 0 to ``drop_path_rate``, float32 residual stream), rotary
+position embedding, a final RMSNorm, and the tokens reshaped to a 1/16 feature map.
 Tiny: ``embed_dim=192``, Small: ``embed_dim=384``; 24 blocks, d_state 16, expand 2 for both.
-Initialisation as Vim: LeCun-normal patch embedding, truncated-normal (std 0.02) position embedding, each block's
-``out_proj`` scaled by 1/sqrt(depth), mamba-ssm's initialisation elsewhere; the decoder keeps PyTorch's defaults.
+Initialisation as Vim: LeCun-normal patch embedding, truncated-normal (std 0.02) position embedding and class
+token, each block's ``out_proj`` scaled by 1/sqrt(depth), mamba-ssm's initialisation elsewhere; the decoder keeps
+PyTorch's defaults.
+
+Encoder configurations (``configuration``, :data:`VIM_CONFIGURATIONS`):
+- ``"paper"`` (the default): torch-em at paper time (commit 33239758, ``torch_em/model/vim.py``: Vim's
+  ``VisionMamba`` with ``if_cls_token=True, if_rope=True, if_rope_residual=True``, ``if_devide_out`` left at
+  False). The class token is prepended (position 0) and gets position-embedding entry 0; it runs through all
+  blocks, so through the bidirectional scans it shapes every patch token, and is removed after the final norm.
+  Before every block the residual stream is rotated (Vim rotates both the block input and the running residual,
+  whose sum the block adds) by Vim's ``VisionRotaryEmbeddingFast(embed_dim // 2, pt_seq_len=14,
+  ft_seq_len=grid)`` (``vim/rope.py``; :func:`rope_angles`): the first half of the channels by the token's row,
+  the second by its column, each position scaled to a 14-token grid, token 0 (the class token) not rotated.
+  The two scan directions are summed (not averaged). Vim builds the rotation table for one square grid; here it
+  is built for the grid of each input (each axis scaled to 14 by its own length), so any patch size works.
+- ``"later"``: torch-em from commit 00c72189 on (``get_vim_encoder``: ``if_rope=False``, ``if_divide_out=True``,
+  ``use_middle_cls_token=True``): the class token is inserted at position M // 2 of the M patch tokens, no rotary
+  embedding, the directions averaged; its ``forward`` still removes the FIRST token, so patch token 0 is dropped
+  and the class token's output takes a patch's place in the feature map. Reproduced as is.
+- ``"later_no_cls"``: the same with ``with_cls_token=False`` (no class token, nothing removed); what this
+  package built before the paper configuration became the default.
 
 Decoder (UNETR without encoder skips, channels 512, 256, 128, 64 as torch-em's):
 - a side chain from the final embedding, each step a 2x2 stride-2 transposed convolution + 3x3 convolution +
@@ -42,19 +62,18 @@ does not override them, so 3 input channels) and ``num_classes=1000``, a class t
 64 * 64 + 1 tokens (``img_size=1024``), and a decoder whose every upsampling (side chain, decoder stages, final
 ``deconv_out``) is a 2x2 transposed convolution (torch-em's later default, bilinear + 1x1 convolution, would
 count 17,160,298 and 37,540,714). Built for the same configuration (``input_channels=3, num_classes=2,
-input_size=(1024, 1024)``) ours has 18,307,208 (Tiny) and 38,790,152 (Small) parameters:
+input_size=(1024, 1024)``) ours has 18,307,592 (Tiny) and 38,790,920 (Small) parameters:
 
     difference (ours minus paper)                                   Tiny       Small
     no ImageNet classification head Linear(dim, 1000)           -193,000    -385,000
-    no class token                                                  -192        -384
-    no position-embedding entry for the class token                 -192        -384
     deep-supervision heads at 1/8, 1/4, 1/2 (256/128/64 ch -> 2)    +902        +902
 
-Everything else (patch embedding, the 24 bidirectional blocks, final norm, side chain, base, stages, output head)
-has the original's shapes. The head is unused by ViM-UNet, and so is the class token: torch-em removes one token
-before reshaping the sequence into a feature map, so we never insert it and every token is a patch. The
-deep-supervision heads exist whatever ``deep_supervision`` says, so one state dict serves training and inference.
-With 1 input channel the patch embedding has 2 * 256 * dim fewer weights (Tiny 18,208,904, Small 38,593,544).
+Everything else (patch embedding, class token, position embedding, the 24 bidirectional blocks, final norm,
+side chain, base, stages, output head) has the original's shapes; the rotary embedding has no parameters. The
+head is unused by ViM-UNet. ``"later_no_cls"`` has 2 * dim fewer (no class token, no entry for it: 18,307,208
+and 38,790,152). The deep-supervision heads exist whatever ``deep_supervision`` says, so one state dict serves
+training and inference. With 1 input channel the patch embedding has 2 * 256 * dim fewer weights (Tiny
+18,209,288, Small 38,594,312).
 """
 from __future__ import annotations
 
@@ -74,26 +93,75 @@ from .registry import fixed_plan_strides, register_network
 PATCH_SIZE = 16
 # Decoder channels from 1/16 to full resolution: torch-em's UNETR with initial_features=64, gain=2, depth=3.
 DECODER_FEATURES = (512, 256, 128, 64)
+# Vim's VisionMamba default pt_hw_seq_len: the grid the rotary positions are scaled to
+ROPE_PRETRAIN_GRID = 14
+
+# Encoder configurations (see the module docstring): where the class token goes, rotary embedding, Vim's
+# if_divide_out (the two scan directions averaged rather than summed).
+VIM_CONFIGURATIONS = {
+    "paper": {"cls_token": "first", "rope": True, "divide_out": False},
+    "later": {"cls_token": "middle", "rope": False, "divide_out": True},
+    "later_no_cls": {"cls_token": None, "rope": False, "divide_out": True},
+}
+
+
+def rope_angles(grid: Sequence[int], dim: int, pretrain_grid: int = ROPE_PRETRAIN_GRID,
+                dtype: torch.dtype = torch.float32, device=None) -> torch.Tensor:
+    """Rotation angles (gh * gw, dim) of Vim's ``VisionRotaryEmbeddingFast(dim // 2, pt_seq_len=pretrain_grid,
+    ft_seq_len=grid)`` (hustvl/Vim ``vim/rope.py``, EVA-02's): the first dim / 2 channels rotate by the token's
+    row, the rest by its column, positions scaled to the pretraining grid (t = i / g * pretrain_grid), channel
+    pairs (2k, 2k + 1) at frequency 10000^(-2k / (dim / 2)); tokens in row-major order. Vim builds it for a square
+    grid; a rectangular one scales each axis by its own length."""
+    half = dim // 2
+    freqs = 10000.0 ** -(torch.arange(0, half, 2, dtype=dtype, device=device)[:half // 2] / half)
+    per_axis = [(torch.arange(g, dtype=dtype, device=device) / g * pretrain_grid)[:, None] * freqs for g in grid]
+    per_axis = [a.repeat_interleave(2, dim=-1) for a in per_axis]  # (g, half): each frequency for a channel pair
+    rows = per_axis[0][:, None].expand(-1, grid[1], -1)
+    cols = per_axis[1][None].expand(grid[0], -1, -1)
+    return torch.cat([rows, cols], dim=-1).reshape(grid[0] * grid[1], 2 * half)
+
+
+def apply_rope(tokens: torch.Tensor, angles: torch.Tensor) -> torch.Tensor:
+    """x cos + rotate_half(x) sin, rotate_half taking each channel pair (a, b) to (-b, a) (Vim's rope)."""
+    pairs = tokens.unflatten(-1, (-1, 2))
+    rotated = torch.stack([-pairs[..., 1], pairs[..., 0]], dim=-1).flatten(-2)
+    return tokens * angles.cos() + rotated * angles.sin()
 
 
 class ViMEncoder(nn.Module):
-    """Patch embedding + absolute position embedding + Vim blocks + final RMSNorm; returns a (b, dim, H/16, W/16) map.
+    """Patch embedding + absolute position embedding (+ class token) + Vim blocks (+ rotary embedding) + final
+    RMSNorm; returns a (b, dim, H/16, W/16) map. ``configuration``: a key of :data:`VIM_CONFIGURATIONS`.
 
-    Attribute names follow Vim's ``VisionMamba`` (``patch_embed.proj``, ``pos_embed``, ``layers.i.mixer``,
-    ``layers.i.norm``, ``norm_f``) so its checkpoints map key for key once ``cls_token`` and ``head`` are dropped
-    and ``pos_embed`` loses its class-token entry and is resampled to this grid.
+    Attribute names follow Vim's ``VisionMamba`` (``patch_embed.proj``, ``cls_token``, ``pos_embed``,
+    ``layers.i.mixer``, ``layers.i.norm``, ``norm_f``), and ``pos_embed`` holds the class token's entry where the
+    token sits in the sequence, as Vim's; so a Vim checkpoint of the same configuration maps key for key once
+    ``head`` is dropped (and ``pos_embed`` is resampled if its grid differs).
     """
 
     def __init__(self, input_channels: int, embed_dim: int, depth: int, grid_size: Tuple[int, int],
-                 drop_path_rate: float) -> None:
+                 drop_path_rate: float, configuration: str = "paper") -> None:
         super().__init__()
+        if configuration not in VIM_CONFIGURATIONS:
+            raise ValueError(f"configuration must be one of {sorted(VIM_CONFIGURATIONS)}, got {configuration!r}")
+        options = VIM_CONFIGURATIONS[configuration]
+        if options["rope"] and embed_dim % 4:
+            raise ValueError(f"rotary position embedding needs embed_dim divisible by 4, got {embed_dim}")
+        self.configuration = configuration
+        self.cls_position = options["cls_token"]
+        self.rope = options["rope"]
         self.embed_dim = embed_dim
         self.grid_size = tuple(grid_size)
         self.patch_embed = nn.Sequential(OrderedDict(
             proj=nn.Conv2d(input_channels, embed_dim, kernel_size=PATCH_SIZE, stride=PATCH_SIZE)))
-        self.pos_embed = nn.Parameter(torch.zeros(1, self.grid_size[0] * self.grid_size[1], embed_dim))
+        extra = 0
+        if self.cls_position is not None:
+            self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
+            trunc_normal_(self.cls_token, std=0.02)
+            extra = 1
+        self.pos_embed = nn.Parameter(torch.zeros(1, self.grid_size[0] * self.grid_size[1] + extra, embed_dim))
         rates = torch.linspace(0, drop_path_rate, depth).tolist()
-        self.layers = nn.ModuleList([ViMBlock(embed_dim, drop_path=rate) for rate in rates])
+        self.layers = nn.ModuleList([ViMBlock(embed_dim, drop_path=rate, divide_out=options["divide_out"])
+                                     for rate in rates])
         self.norm_f = RMSNorm(embed_dim)
 
         lecun_normal_(self.patch_embed.proj.weight)
@@ -103,22 +171,53 @@ class ViMEncoder(nn.Module):
             for layer in self.layers:
                 layer.mixer.out_proj.weight /= math.sqrt(depth)
 
+    def cls_index(self, patches: int) -> Optional[int]:
+        """Where the class token sits in a sequence of ``patches`` patch tokens (torch-em: 0, or M // 2)."""
+        return {None: None, "first": 0, "middle": patches // 2}[self.cls_position]
+
     def position_embedding(self, grid: Sequence[int]) -> torch.Tensor:
-        """The position embedding (1, gh * gw, dim) for a token grid; bicubically resampled if not the built one."""
+        """The position embedding (1, gh * gw [+ 1], dim) for a token grid, the class token's entry (if any) at
+        its position; the patch entries bicubically resampled if the grid is not the built one."""
         grid = tuple(grid)
         if grid == self.grid_size:
             return self.pos_embed
-        table = self.pos_embed.reshape(1, *self.grid_size, self.embed_dim).permute(0, 3, 1, 2)
-        table = F.interpolate(table.float(), size=grid, mode="bicubic", align_corners=False)
-        return table.flatten(2).transpose(1, 2)
+        built = self.cls_index(self.grid_size[0] * self.grid_size[1])
+        table = self.pos_embed
+        if built is not None:
+            cls_entry = table[:, built:built + 1]
+            table = torch.cat([table[:, :built], table[:, built + 1:]], dim=1)
+        table = table.reshape(1, *self.grid_size, self.embed_dim).permute(0, 3, 1, 2)
+        dtype = torch.promote_types(table.dtype, torch.float32)
+        table = F.interpolate(table.to(dtype), size=grid, mode="bicubic", align_corners=False)
+        table = table.flatten(2).transpose(1, 2)
+        index = self.cls_index(grid[0] * grid[1])
+        if index is None:
+            return table
+        return torch.cat([table[:, :index], cls_entry.to(dtype), table[:, index:]], dim=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.patch_embed(x)
         grid = x.shape[2:]
-        tokens = x.flatten(2).transpose(1, 2).float() + self.position_embedding(grid)  # row-major token order
+        tokens = x.flatten(2).transpose(1, 2)  # row-major token order
+        tokens = tokens.to(torch.promote_types(tokens.dtype, torch.float32))
+        index = self.cls_index(tokens.shape[1])
+        if index is not None:
+            cls_token = self.cls_token.to(tokens.dtype).expand(tokens.shape[0], -1, -1)
+            tokens = torch.cat([tokens[:, :index], cls_token, tokens[:, index:]], dim=1)
+        tokens = tokens + self.position_embedding(grid)
+        if self.rope:
+            # Vim rotates the residual stream before every block (if_rope_residual: the block's input and the
+            # running residual, whose sum is the stream) and leaves token 0, the class token here, unrotated
+            angles = rope_angles(grid, self.embed_dim, dtype=tokens.dtype, device=tokens.device)
+            angles = torch.cat([angles.new_zeros(1, self.embed_dim), angles])
         for layer in self.layers:
+            if self.rope:
+                tokens = apply_rope(tokens, angles)
             tokens = layer(tokens)
         tokens = self.norm_f(tokens)
+        if index is not None:
+            # torch-em removes the FIRST token, which is the class token only when it was put first
+            tokens = tokens[:, 1:]
         return tokens.transpose(1, 2).reshape(x.shape[0], self.embed_dim, *grid)
 
 
@@ -184,7 +283,8 @@ class ViMUNetDecoder(nn.Module):
                   summary="ViM-UNet Tiny: Vision Mamba (dim 192) encoder + UNETR decoder (Archit & Pape 2024)")
 class ViMUNet(nn.Module):
     """ViM-UNet for 2D inputs (batch, input_channels, x, y); ``input_size`` is the patch size the position
-    embedding is built for. ``depth`` and ``drop_path_rate`` default to the original's (24, Vim's 0.1)."""
+    embedding is built for. ``depth`` and ``drop_path_rate`` default to the original's (24, Vim's 0.1);
+    ``configuration`` picks the encoder's (:data:`VIM_CONFIGURATIONS`; ``"paper"``: the paper's)."""
 
     # Output scales under deep supervision, highest resolution first; what a trainer's
     # ``_get_deep_supervision_scales`` must return for this network (see the module docstring).
@@ -193,7 +293,7 @@ class ViMUNet(nn.Module):
     def __init__(self, input_channels: int, num_classes: int, deep_supervision: bool = False,
                  input_size: Optional[Sequence[int]] = None, embed_dim: int = 192, depth: int = 24,
                  drop_path_rate: float = 0.1, conv_op: Optional[Type[nn.Module]] = None,
-                 strides: Optional[Sequence] = None) -> None:
+                 strides: Optional[Sequence] = None, configuration: str = "paper") -> None:
         super().__init__()
         if conv_op is not None and conv_dim(conv_op) != 2:
             raise ValueError(f"ViM-UNet is 2D only (Vision Mamba patch embedding and 2D decoder); got conv_op="
@@ -211,7 +311,7 @@ class ViMUNet(nn.Module):
         self.num_classes = num_classes
         self.input_size = tuple(int(s) for s in input_size)
         grid = tuple(math.ceil(s / PATCH_SIZE) for s in self.input_size)
-        self.encoder = ViMEncoder(input_channels, embed_dim, depth, grid, drop_path_rate)
+        self.encoder = ViMEncoder(input_channels, embed_dim, depth, grid, drop_path_rate, configuration)
         self.decoder = ViMUNetDecoder(embed_dim, num_classes, deep_supervision)
 
     def check_input(self, x: torch.Tensor) -> None:

@@ -9,6 +9,7 @@ from .segresmamba import nnUNetTrainerSegResMamba, nnUNetTrainerSegResMamba_demo
 from .swin_umamba import (nnUNetTrainerSwinUMamba, nnUNetTrainerSwinUMamba_demo, nnUNetTrainerSwinUMambaD,
                           nnUNetTrainerSwinUMambaD_demo, nnUNetTrainerSwinUMambaDScratch,
                           nnUNetTrainerSwinUMambaScratch)
+from .swin_umamba import nnUNetTrainerSwinUMambaAdaptedLoading, nnUNetTrainerSwinUMambaDAdaptedLoading
 from .umamba import (nnUNetTrainerUMambaBot, nnUNetTrainerUMambaBot_demo, nnUNetTrainerUMambaEnc,
                      nnUNetTrainerUMambaEnc_demo)
 from .vim_unet import nnUNetTrainerViMUNetSmall, nnUNetTrainerViMUNetTiny, nnUNetTrainerViMUNetTiny_demo
@@ -25,7 +26,8 @@ __all__ = ["ShortRunMixin", "nnUNetTrainerMamba", "plans_network_kwargs",
            "nnUNetTrainerSwinUMamba_demo", "nnUNetTrainerSwinUMambaD", "nnUNetTrainerSwinUMambaD_demo",
            "nnUNetTrainerSwinUMambaDScratch", "nnUNetTrainerSwinUMambaScratch", "nnUNetTrainerUMambaBot",
            "nnUNetTrainerUMambaBot_demo", "nnUNetTrainerUMambaEnc", "nnUNetTrainerUMambaEnc_demo",
-           "nnUNetTrainerViMUNetSmall", "nnUNetTrainerViMUNetTiny", "nnUNetTrainerViMUNetTiny_demo"]
+           "nnUNetTrainerViMUNetSmall", "nnUNetTrainerViMUNetTiny", "nnUNetTrainerViMUNetTiny_demo",
+           "nnUNetTrainerSwinUMambaAdaptedLoading", "nnUNetTrainerSwinUMambaDAdaptedLoading"]
 
 
 def list_trainers() -> list:

@@ -75,6 +75,7 @@ def freeze_while(optimizer: torch.optim.Optimizer, parameters: Iterable[torch.nn
 class nnUNetTrainerSwinUMambaScratch(nnUNetTrainerMamba):
     network_name = "swin_umamba"
     pretrained_weights: str = ""  # a name in nnunet_mamba.pretrained; empty: train from scratch
+    faithful_loading = True  # load_vmamba_encoder(faithful=...): the original's patch-embedding loading
     freeze_epochs = 0
 
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
@@ -88,7 +89,7 @@ class nnUNetTrainerSwinUMambaScratch(nnUNetTrainerMamba):
         if self.pretrained_weights:
             # raises FileNotFoundError naming `nnunet-mamba download-weights ...` when the file is missing
             state_dict = load_pretrained_state_dict(self.pretrained_weights)
-            report = load_vmamba_encoder(self.unwrapped_network, state_dict)
+            report = load_vmamba_encoder(self.unwrapped_network, state_dict, faithful=self.faithful_loading)
             self.print_to_log_file(f"nnunet-mamba: {self.pretrained_weights} ImageNet weights: {report}")
 
     def configure_optimizers(self):
@@ -129,3 +130,13 @@ class nnUNetTrainerSwinUMamba_demo(ShortRunMixin, nnUNetTrainerSwinUMamba):
 
 class nnUNetTrainerSwinUMambaD_demo(ShortRunMixin, nnUNetTrainerSwinUMambaD):
     freeze_epochs = 1
+
+
+class nnUNetTrainerSwinUMambaAdaptedLoading(nnUNetTrainerSwinUMamba):
+    """Swin-UMamba leaving all of its patch embedding (which reads the stem) as initialised."""
+    faithful_loading = False
+
+
+class nnUNetTrainerSwinUMambaDAdaptedLoading(nnUNetTrainerSwinUMambaD):
+    """Swin-UMamba-dagger loading its patch embedding with the RGB kernel adapted to the input channels."""
+    faithful_loading = False
