@@ -1,0 +1,166 @@
+"""Results of ``nnunet-mamba learning-benchmark``: one run's numbers from nnU-Net's files, the per-trainer table
+(mean and spread over seeds), and its Markdown/CSV/PNG files plus a Dice-versus-epoch plot."""
+from __future__ import annotations
+
+import csv
+import json
+import os
+import statistics
+import textwrap
+from typing import Dict, List, Optional, Sequence
+
+import torch
+
+from ..synthetic import LEARNING_LABELS
+
+CLASSES = [name for name, value in LEARNING_LABELS.items() if value]
+DEFAULT_PLANS = "nnUNetPlans"
+RESENC_M_PLANS = "nnUNetResEncUNetMPlans"
+BASELINE = "nnUNetTrainer"
+
+
+def run_label(trainer: str, plans: str) -> str:
+    """The table's name for a trainer on a plans: ``nnUNetTrainer``, ``nnUNetTrainer (ResEnc M)``, ..."""
+    if plans == DEFAULT_PLANS:
+        return trainer
+    return f"{trainer} ({'ResEnc M' if plans == RESENC_M_PLANS else plans})"
+
+
+def is_baseline(trainer: str) -> bool:
+    return trainer == BASELINE
+
+
+def read_run(fold_dir: str) -> dict:
+    """Final validation Dice (per class and foreground mean), median seconds per epoch, peak CUDA memory (GiB,
+    None on a CPU) and the per-epoch pseudo Dice of a finished nnU-Net run (its ``fold_0`` folder)."""
+    with open(os.path.join(fold_dir, "validation", "summary.json")) as f:
+        summary = json.load(f)
+    dice = {name: float(summary["mean"][str(LEARNING_LABELS[name])]["Dice"]) for name in CLASSES}
+    # our own file, just written by nnU-Net in this benchmark: safe to unpickle
+    checkpoint = torch.load(os.path.join(fold_dir, "checkpoint_final.pth"), map_location="cpu", weights_only=False)
+    logging = checkpoint["logging"]
+    durations = [end - start for start, end in zip(logging["epoch_start_timestamps"],
+                                                    logging["epoch_end_timestamps"])]
+    peak = None
+    memory_file = os.path.join(fold_dir, "learnbench_memory.json")
+    if os.path.isfile(memory_file):
+        with open(memory_file) as f:
+            peak_bytes = json.load(f).get("peak_memory_bytes")
+        peak = None if peak_bytes is None else peak_bytes / 2 ** 30
+    return {"fg_dice": float(summary["foreground_mean"]["Dice"]), **{f"dice_{k}": v for k, v in dice.items()},
+            "sec_per_epoch": statistics.median(durations), "peak_gib": peak,
+            "pseudo_dice": [float(v) for v in logging["mean_fg_dice"]],
+            "ema_dice": [float(v) for v in logging["ema_fg_dice"]]}
+
+
+def _mean(values: Sequence[Optional[float]]) -> Optional[float]:
+    values = [v for v in values if v is not None]
+    return statistics.fmean(values) if values else None
+
+
+def aggregate(runs: List[dict]) -> List[dict]:
+    """One row per (dimension, trainer label) over its seeds: mean and spread (max - min) of each Dice, mean seconds
+    per epoch, largest peak memory, and the foreground Dice's difference to ``nnUNetTrainer`` (points, x100).
+    Rows keep the runs' order within a dimension, baselines first."""
+    groups: Dict[tuple, List[dict]] = {}
+    for r in runs:
+        groups.setdefault((r["dim"], r["label"]), []).append(r)
+    rows = []
+    for (dim, label), members in groups.items():
+        row = {"dim": f"{dim}D", "trainer": label, "seeds": len(members),
+               "baseline": is_baseline(members[0]["trainer"])}
+        for key in ["fg_dice", *(f"dice_{c}" for c in CLASSES)]:
+            values = [m[key] for m in members]
+            row[key] = statistics.fmean(values)
+            row[key + "_spread"] = max(values) - min(values)
+        row["sec_per_epoch"] = _mean([m["sec_per_epoch"] for m in members])
+        peaks = [m["peak_gib"] for m in members if m["peak_gib"] is not None]
+        row["peak_gib"] = max(peaks) if peaks else None
+        rows.append(row)
+    rows.sort(key=lambda r: (r["dim"], not r["baseline"]))  # stable: the given order otherwise
+    for row in rows:
+        reference = next((r for r in rows if r["dim"] == row["dim"] and r["trainer"] == BASELINE), None)
+        row["delta_points"] = None if reference is None else 100 * (row["fg_dice"] - reference["fg_dice"])
+    return rows
+
+
+COLUMNS = [("dim", "dim"), ("trainer", "trainer"), ("seeds", "seeds"), ("fg_dice", "fg Dice"),
+           *((f"dice_{c}", c) for c in CLASSES), ("delta_points", "vs default (pts)"),
+           ("sec_per_epoch", "s/epoch"), ("peak_gib", "peak GiB")]
+
+
+def format_cell(row: dict, key: str) -> str:
+    value = row.get(key)
+    if value is None:
+        return "-"
+    if key == "fg_dice" or key.startswith("dice_"):
+        return f"{value:.3f} ±{row[key + '_spread'] / 2:.3f}"
+    if key == "delta_points":
+        return f"{value:+.1f}"
+    if isinstance(value, float):
+        return f"{value:.2f}" if key == "peak_gib" else f"{value:.1f}"
+    return str(value)
+
+
+def table_lines(rows: List[dict]) -> List[str]:
+    """The table as aligned console lines."""
+    cells = [[t for _, t in COLUMNS]] + [[format_cell(r, k) for k, _ in COLUMNS] for r in rows]
+    widths = [max(len(c[i]) for c in cells) for i in range(len(COLUMNS))]
+    return ["  ".join(c.ljust(w) if i < 2 else c.rjust(w) for i, (c, w) in enumerate(zip(line, widths))).rstrip()
+            for line in cells]
+
+
+def write_outputs(prefix: str, rows: List[dict], runs: List[dict], header: str) -> List[str]:
+    """PREFIX.md, PREFIX.csv, PREFIX.png (foreground Dice per trainer) and PREFIX_dice_epochs.png (pseudo Dice per
+    epoch, mean over seeds); returns the paths written."""
+    folder = os.path.dirname(os.path.abspath(prefix))
+    os.makedirs(folder, exist_ok=True)
+    md = [f"<!-- {header} -->", "| " + " | ".join(t for _, t in COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
+    md += ["| " + " | ".join(format_cell(r, k) for k, _ in COLUMNS) + " |" for r in rows]
+    md += ["", "Dice: mean ± half the spread (max - min) over seeds, on fold 0's validation cases; "
+           "vs default: foreground Dice minus nnUNetTrainer's, in points."]
+    with open(prefix + ".md", "w") as f:
+        f.write("\n".join(md) + "\n")
+    fields = ["dim", "trainer", "seeds", "fg_dice", "fg_dice_spread"]
+    fields += [k for c in CLASSES for k in (f"dice_{c}", f"dice_{c}_spread")]
+    fields += ["delta_points", "sec_per_epoch", "peak_gib"]
+    with open(prefix + ".csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(rows)
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    dims = list(dict.fromkeys(r["dim"] for r in rows))
+    fig, axes = plt.subplots(1, len(dims), figsize=(6 * len(dims), 0.4 * max(len(rows), 4) + 1.8), squeeze=False)
+    for ax, dim in zip(axes[0], dims):
+        mine = [r for r in rows if r["dim"] == dim][::-1]
+        values = [r["fg_dice"] for r in mine]
+        ax.barh([r["trainer"] for r in mine], values, xerr=[r["fg_dice_spread"] / 2 for r in mine],
+                color=["0.6" if r["baseline"] else "C0" for r in mine])
+        ax.set_xlabel(f"{dim}: foreground-mean validation Dice")
+        ax.set_xlim(0, 1)
+        for y, v in enumerate(values):
+            ax.annotate(f"{v:.3f}", (v, y), xytext=(3, 0), textcoords="offset points", va="center", fontsize=8)
+    fig.suptitle(textwrap.fill(header, 60 * len(dims)), fontsize=8)
+    fig.tight_layout()
+    fig.savefig(prefix + ".png", dpi=120)
+    plt.close(fig)
+
+    fig, axes = plt.subplots(1, len(dims), figsize=(6.5 * len(dims), 4.5), squeeze=False)
+    for ax, dim in zip(axes[0], dims):
+        for row in (r for r in rows if r["dim"] == dim):
+            curves = [r["pseudo_dice"] for r in runs if f"{r['dim']}D" == dim and r["label"] == row["trainer"]]
+            length = min(len(c) for c in curves)
+            mean = [statistics.fmean(c[e] for c in curves) for e in range(length)]
+            ax.plot(range(1, length + 1), mean, label=row["trainer"], linestyle="--" if row["baseline"] else "-")
+        ax.set_xlabel("epoch")
+        ax.set_ylabel("pseudo Dice (foreground mean, mean over seeds)")
+        ax.set_title(dim)
+        ax.legend(fontsize=6)
+    fig.suptitle(textwrap.fill(header, 60 * len(dims)), fontsize=8)
+    fig.tight_layout()
+    fig.savefig(prefix + "_dice_epochs.png", dpi=120)
+    plt.close(fig)
+    return [prefix + ".md", prefix + ".csv", prefix + ".png", prefix + "_dice_epochs.png"]

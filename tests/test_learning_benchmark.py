@@ -1,0 +1,184 @@
+"""``nnunet-mamba learning-benchmark``: its dataset, its trainer variants, its result table, and the --tiny path end
+to end through the real nnU-Net command line."""
+import argparse
+import csv
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("nnunetv2")
+
+from nnunet_mamba.cli import learning, learning_results  # noqa: E402
+from nnunet_mamba.synthetic import CUE_DISTANCE, LEARNING_LABELS, learning_case, make_learning_dataset  # noqa: E402
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BIN = os.path.dirname(sys.executable)
+RINGS = (LEARNING_LABELS["ring_bright_cue"], LEARNING_LABELS["ring_dark_cue"])
+
+
+@pytest.mark.parametrize("shape, n", [((128, 128), 40), ((48, 48, 48), 8)], ids=["2d", "3d"])
+def test_every_case_has_the_local_classes_and_a_ring_labelled_by_its_distant_cue(shape, n):
+    rng = np.random.default_rng(1)
+    side = min(shape)
+    ring_classes = set()
+    for _ in range(n):
+        image, label, info = learning_case(rng, shape)
+        present = set(np.unique(label).tolist())
+        assert {0, 1, 2} <= present and len(present & set(RINGS)) == 1, present
+        ring = RINGS[0] if RINGS[0] in present else RINGS[1]
+        ring_classes.add(ring)
+        # the rule: the ring's class is the sign of the cue, which is far away and labelled background
+        cue = tuple(int(round(c)) for c in info["cue"])
+        assert label[cue] == 0
+        assert (image[cue] > 0) == (ring == LEARNING_LABELS["ring_bright_cue"]) == (info["cue_sign"] > 0)
+        distance = np.linalg.norm(np.subtract(info["cue"], info["ring"]))
+        assert CUE_DISTANCE[0] * side <= distance <= CUE_DISTANCE[1] * side
+        # the ring itself looks the same for both classes: +1 on noise of std 0.5
+        assert abs(image[label == ring].mean() - 1.0) < 0.25
+    assert ring_classes == set(RINGS)  # both context classes occur
+
+
+def test_learning_dataset_is_in_nnunets_raw_layout(tmp_path):
+    folder = make_learning_dataset(str(tmp_path), 961, (40, 40), n_cases=3, name="LB")
+    with open(os.path.join(folder, "dataset.json")) as f:
+        meta = json.load(f)
+    assert meta["labels"] == LEARNING_LABELS and meta["numTraining"] == 3
+    assert sorted(os.listdir(os.path.join(folder, "imagesTr"))) == [f"case_{i:04d}_0000.nii.gz" for i in range(3)]
+    assert len(os.listdir(os.path.join(folder, "labelsTr"))) == 3
+
+
+def test_variants_take_the_schedule_and_seed_from_the_environment(monkeypatch):
+    from nnunet_mamba.trainers import list_trainers
+    from nnunet_mamba.trainers import learning as variants
+
+    assert not any(name.endswith(variants.SUFFIX) for name in list_trainers())
+    assert issubclass(variants.nnUNetTrainerUMambaBot_learnbench, variants.base_trainers()["nnUNetTrainerUMambaBot"])
+
+    class Base:  # stands in for an nnU-Net trainer: its own schedule, set in __init__
+        def __init__(self, *args):
+            self.num_epochs, self.num_iterations_per_epoch, self.num_val_iterations_per_epoch = 1000, 250, 50
+
+        def print_to_log_file(self, *args):
+            pass
+
+    trainer_class = type("T", (variants.LearnBenchMixin, Base), {})
+    monkeypatch.setenv(variants.EPOCHS_ENV, "7")
+    monkeypatch.setenv(variants.ITERATIONS_ENV, "30")
+    monkeypatch.setenv(variants.SEED_ENV, "3")
+    monkeypatch.delenv(variants.VAL_ITERATIONS_ENV, raising=False)
+    trainer = trainer_class({}, "2d", 0, {})
+    assert (trainer.num_epochs, trainer.num_iterations_per_epoch, trainer.num_val_iterations_per_epoch) == (7, 30, 50)
+    first = torch.rand(3)
+    trainer_class({}, "2d", 0, {})
+    assert torch.equal(first, torch.rand(3))  # seeded
+
+
+def _args(**overrides) -> argparse.Namespace:
+    values = {"dims": None, "trainers": None, "seeds": None, "epochs": None, "iterations": None,
+              "val_iterations": None, "cases": None, "size": None, "jobs": None, "device": "cpu", "work": None,
+              "out": None, "json": None, "tiny": False}
+    return argparse.Namespace(**{**values, **overrides})
+
+
+def test_default_trainers_per_dimension_baselines_first_without_demo_or_pretrained():
+    settings = learning._settings(_args())
+    for dim in (2, 3):
+        names = [t for t, _ in settings.trainers[dim]]
+        assert settings.trainers[dim][:2] == [("nnUNetTrainer", "nnUNetPlans"),
+                                              ("nnUNetTrainer", "nnUNetResEncUNetMPlans")]
+        assert not any(n.endswith("_demo") for n in names)
+        assert "nnUNetTrainerSwinUMamba" not in names and "nnUNetTrainerUMambaBot" in names
+    assert "nnUNetTrainerSwinUMambaScratch" in [t for t, _ in settings.trainers[2]]
+    assert "nnUNetTrainerSegResMamba" in [t for t, _ in settings.trainers[3]]
+    assert "nnUNetTrainerSegResMamba" not in [t for t, _ in settings.trainers[2]]
+    assert settings.epochs * settings.iterations >= 1000
+
+
+@pytest.mark.parametrize("overrides, message", [
+    ({"trainers": ["nnUNetTrainerNope"]}, "unknown trainer"),
+    ({"trainers": ["nnUNetTrainerViMUNetTiny"], "dims": [3]}, "does not support 3D"),
+    ({"trainers": ["nnUNetTrainerUMambaBot:nnUNetResEncUNetMPlans"]}, "only nnUNetTrainer"),
+    ({"seeds": [0, 0]}, "--seeds must differ"),
+    ({"cases": 6}, "--cases"),
+])
+def test_arguments_are_checked_before_any_work(tmp_path, overrides, message):
+    work = tmp_path / "work"
+    with pytest.raises(SystemExit, match=message):
+        learning.run(_args(work=str(work), **overrides))
+    assert not work.exists()
+
+
+def _record(dim, trainer, plans, seed, fg, seconds=2.0, peak=None):
+    dice = {f"dice_{c}": fg for c in learning_results.CLASSES}
+    return {"dim": dim, "trainer": trainer, "plans": plans, "label": learning_results.run_label(trainer, plans),
+            "seed": seed, "fg_dice": fg, **dice, "sec_per_epoch": seconds, "peak_gib": peak,
+            "pseudo_dice": [0.2, fg], "ema_dice": [0.2, fg]}
+
+
+def test_aggregation_mean_spread_and_baselines_first(tmp_path):
+    runs = [_record(2, "nnUNetTrainerUMambaBot", "nnUNetPlans", 0, 0.80, 3.0, 1.5),
+            _record(2, "nnUNetTrainerUMambaBot", "nnUNetPlans", 1, 0.86, 5.0, 1.7),
+            _record(2, "nnUNetTrainer", "nnUNetResEncUNetMPlans", 0, 0.90),
+            _record(2, "nnUNetTrainer", "nnUNetPlans", 0, 0.84),
+            _record(2, "nnUNetTrainer", "nnUNetPlans", 1, 0.88)]
+    rows = learning_results.aggregate(runs)
+    assert [r["trainer"] for r in rows] == ["nnUNetTrainer (ResEnc M)", "nnUNetTrainer", "nnUNetTrainerUMambaBot"]
+    bot = rows[2]
+    assert bot["seeds"] == 2
+    assert bot["fg_dice"] == pytest.approx(0.83) and bot["fg_dice_spread"] == pytest.approx(0.06)
+    assert bot["delta_points"] == pytest.approx(-3.0)  # 0.83 - 0.86
+    assert bot["sec_per_epoch"] == pytest.approx(4.0) and bot["peak_gib"] == pytest.approx(1.7)
+    assert rows[0]["peak_gib"] is None and rows[0]["delta_points"] == pytest.approx(4.0)
+    lines = learning_results.table_lines(rows)
+    assert "0.830 ±0.030" in lines[3] and "-3.0" in lines[3]
+    written = learning_results.write_outputs(str(tmp_path / "lb"), rows, runs, "header")
+    assert all(os.path.getsize(p) > 0 for p in written)
+    with open(tmp_path / "lb.csv") as f:
+        assert [r["trainer"] for r in csv.DictReader(f)] == [r["trainer"] for r in rows]
+
+
+def test_read_run_takes_nnunets_files(tmp_path):
+    fold = tmp_path / "fold_0"
+    (fold / "validation").mkdir(parents=True)
+    per_class = {str(v): {"Dice": 0.1 * v} for v in range(1, 5)}
+    (fold / "validation" / "summary.json").write_text(json.dumps({"foreground_mean": {"Dice": 0.25},
+                                                                  "mean": per_class}))
+    logging = {"epoch_start_timestamps": [0.0, 10.0, 13.0], "epoch_end_timestamps": [9.0, 12.0, 16.0],
+               "mean_fg_dice": [0.1, 0.2, 0.3], "ema_fg_dice": [0.1, 0.11, 0.13]}
+    torch.save({"logging": logging}, fold / "checkpoint_final.pth")
+    (fold / "learnbench_memory.json").write_text(json.dumps({"peak_memory_bytes": 3 * 2 ** 29}))
+    run = learning_results.read_run(str(fold))
+    assert run["fg_dice"] == 0.25 and run["dice_disk"] == pytest.approx(0.1) and run["dice_ring_dark_cue"] == 0.4
+    assert run["sec_per_epoch"] == 3.0 and run["peak_gib"] == 1.5 and run["pseudo_dice"] == [0.1, 0.2, 0.3]
+
+
+@pytest.mark.e2e
+def test_tiny_benchmark_through_the_nnunet_cli(tmp_path):
+    """--tiny with nnU-Net's trainer and one seed: dataset, plan/preprocess, nnUNetv2_train, table and plots."""
+    work, prefix = tmp_path / "work", tmp_path / "out" / "lb"
+    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
+           "nnUNet_extTrainer": os.path.join(REPO, "nnUNet_trainers")}
+    command = [os.path.join(BIN, "nnunet-mamba"), "learning-benchmark", "--tiny", "--trainers", "nnUNetTrainer",
+               "--seeds", "0", "--cases", "10", "--work", str(work), "--out", str(prefix),
+               "--json", str(tmp_path / "lb.json")]
+    result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    for suffix in (".md", ".csv", ".png", "_dice_epochs.png"):
+        assert os.path.getsize(f"{prefix}{suffix}") > 0
+    with open(f"{prefix}.csv") as f:
+        (row,) = list(csv.DictReader(f))
+    assert row["trainer"] == "nnUNetTrainer" and row["seeds"] == "1"
+    for key in ["fg_dice", *(f"dice_{c}" for c in learning_results.CLASSES)]:
+        assert 0.0 <= float(row[key]) <= 1.0
+    assert float(row["sec_per_epoch"]) > 0
+    (run,) = json.loads((tmp_path / "lb.json").read_text())["runs"]
+    assert len(run["pseudo_dice"]) == learning.TINY["epochs"]
+    assert "nnUNetTrainer" in result.stdout and "fg Dice" in result.stdout
+    # a rerun finds the finished run and trains nothing
+    again = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
+    assert again.returncode == 0 and "1 of 1 runs already finished" in again.stdout, again.stdout + again.stderr
