@@ -53,6 +53,8 @@ class nnUNetTrainerMamba(nnUNetTrainer):
         super().__init__(plans, configuration, fold, dataset_json, device)
         self.initial_lr = self.recipe.lr
         self.weight_decay = self.recipe.weight_decay
+        if self.recipe.epochs is not None:
+            self.num_epochs = self.recipe.epochs
 
     @classmethod
     def build_network_architecture(cls, plans_manager: PlansManager, configuration_manager: ConfigurationManager,

@@ -49,6 +49,9 @@ class Recipe:
     end_factor: float = 1.0  # linear: from lr to lr * end_factor
     plateau_factor: float = 0.5  # plateau: lr *= factor after `patience` epochs without a better validation loss
     plateau_patience: int = 10
+    # epochs of nnU-Net's 250 iterations; None: nnU-Net's 1000 (where the original's epochs are passes over a
+    # dataset of another size, they do not translate)
+    epochs: Optional[int] = None
 
     def __post_init__(self) -> None:
         if self.optimizer not in OPTIMIZERS:
@@ -79,8 +82,8 @@ NNUNET = Recipe("nnU-Net", "sgd", 1e-2, 3e-5, "poly", momentum=0.99, nesterov=Tr
 SWIN_UMAMBA = Recipe("Swin-UMamba", "adamw", 1e-4, 5e-2, "cosine", eps=1e-5, min_lr=1e-6,
                      source="JiarunLiu/Swin-UMamba nnunetv2/training/nnUNetTrainer/nnUNetTrainerSwinUMamba*.py")
 # ViM-UNet: torch_em.default_segmentation_trainer (Adam) with the benchmark's ReduceLROnPlateau(min, 0.9, 10),
-# stepped once per torch-em epoch on the validation loss
-VIM_UNET = Recipe("ViM-UNet", "adam", 1e-4, 0.0, "plateau", plateau_factor=0.9, plateau_patience=10,
+# stepped once per torch-em epoch on the validation loss; 1e5 iterations = 400 nnU-Net epochs
+VIM_UNET = Recipe("ViM-UNet", "adam", 1e-4, 0.0, "plateau", plateau_factor=0.9, plateau_patience=10, epochs=400,
                   source="computational-cell-analytics/vimunet-benchmarking (torch_em.default_segmentation_trainer, "
                          "lr 1e-4, scheduler_kwargs mode min, factor 0.9, patience 10)")
 # SegResMamba: Adam(1e-4, weight_decay=1e-5), CosineAnnealingLR(T_max=max_epochs) stepped per epoch (eta_min 0)
