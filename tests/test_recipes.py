@@ -6,17 +6,20 @@ plans (no dataset on disk: ``initialize`` only reads the preprocessed folder's f
 variant in-process with nnU-Net's ``train_step``, i.e. through the trainer's own ``configure_optimizers`` and
 loss (Dice + CE, deep supervision at the network's scales), on freshly drawn cases of the synthetic task the demo
 uses (a bright disk and a dark box on noise, ``nnunet_mamba.synthetic``), and require a mean foreground Dice on
-held-out cases. The negative control trains ViM-UNet with nnU-Net's SGD (lr 1e-2, momentum 0.99), the recipe the
-issue measured not to learn on a GPU, and requires it to stay below the bar.
+held-out cases. The negative control trains ViM-UNet with a recipe that cannot learn and requires it to stay
+below the bar (see its docstring for why it is not nnU-Net's SGD at lr 1e-2).
 """
+import dataclasses
 import math
 
+import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 pytest.importorskip("nnunetv2")
 from nnunet_mamba import trainers  # noqa: E402
-from nnunet_mamba.synthetic import LABELS  # noqa: E402
+from nnunet_mamba.synthetic import LABELS, _case  # noqa: E402
 from nnunet_mamba.trainers import recipes  # noqa: E402
 
 DATASET_JSON = {"channel_names": {"0": "MRI"}, "labels": LABELS, "numTraining": 4, "file_ending": ".nii.gz"}
@@ -204,3 +207,68 @@ def test_the_recipe_is_in_the_training_log(nnunet_dirs):
     with open(trainer.log_file) as f:
         log = f.read()
     assert log.count("recipe SegResMamba: Adam(lr 0.0001") == 1 and "badhandas/SegResMamba brats_train.py" in log
+
+
+# --- learning: a recipe that cannot learn fails here
+
+def _batch(rng: np.random.Generator, n: int, patch):
+    cases = [_case(rng, patch) for _ in range(n)]
+    image = torch.from_numpy(np.stack([c[0] for c in cases]))[:, None]
+    label = torch.from_numpy(np.stack([c[1] for c in cases]).astype(np.float32))[:, None]
+    return image, label
+
+
+def train_and_score(trainer, patch, steps: int, batch_size: int = 2) -> float:
+    """``steps`` of nnU-Net's ``train_step`` on fresh synthetic cases, then the mean foreground Dice (disk, box)
+    on 4 held-out cases."""
+    trainer.on_train_epoch_start()  # nnU-Net's: train mode, the schedule's learning rate of epoch 0
+    scales = trainer._get_deep_supervision_scales()
+    rng = np.random.default_rng(1)
+    for _ in range(steps):
+        data, label = _batch(rng, batch_size, patch)
+        # the targets nnU-Net's DownsampleSegForDSTransform makes at the network's deep-supervision scales
+        target = label if scales is None else [
+            F.interpolate(label, size=[round(p * s) for p, s in zip(patch, scale)], mode="nearest") for scale in scales]
+        trainer.train_step({"data": data, "target": target})
+    trainer.network.eval()
+    data, label = _batch(np.random.default_rng(12345), 4, patch)
+    with torch.no_grad():
+        output = trainer.network(data)
+    prediction = (output[0] if isinstance(output, (list, tuple)) else output).argmax(1, keepdim=True)
+    dice = [float(2 * ((prediction == c) & (label == c)).sum() / ((prediction == c).sum() + (label == c).sum()))
+            for c in (1, 2)]
+    return sum(dice) / len(dice)
+
+
+# mean foreground Dice; the narrow variants reach 0.67-0.97 with their recipes, the negative control 0.002
+DICE_BAR = 0.5
+# a narrow variant per family: (trainer, constructor overrides, patch, steps); each trained with its own recipe
+FAMILIES = {
+    "umamba": (trainers.nnUNetTrainerUMambaBot, {}, (32, 32), 60),
+    "swin_umamba": (trainers.nnUNetTrainerSwinUMambaScratch,
+                    {"depths": [1, 1, 1, 1], "embed_dim": 8, "stem_channels": 8, "d_state": 4}, (32, 32), 150),
+    "vim_unet": (trainers.nnUNetTrainerViMUNetTiny, {"embed_dim": 32, "depth": 2}, (32, 32), 150),
+    "flemme": (trainers.nnUNetTrainerFlemmeMambaU, {"num_blocks": 1}, (32, 32), 100),
+    # SegResMamba is missing: at the 3D sizes a CPU test affords (48x16x16 or 48x32x32, widths 4-8) neither its
+    # recipe nor nnU-Net's reaches a Dice above 0.15 within 100-200 steps, though the loss falls
+}
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_each_family_learns_with_its_recipe(family, nnunet_dirs, one_thread):
+    cls, overrides, patch, steps = FAMILIES[family]
+    trainer = build_trainer(cls, patch, overrides)
+    dice = train_and_score(trainer, patch, steps)
+    assert dice >= DICE_BAR, f"{cls.__name__} ({trainer.recipe.name} recipe): Dice {dice:.3f} < {DICE_BAR}"
+
+
+def test_negative_control_a_recipe_that_cannot_learn_stays_below_the_bar(nnunet_dirs, one_thread):
+    """The bar discriminates: ViM-UNet's narrow variant with nnU-Net's SGD at ViM-UNet's learning rate 1e-4 (an
+    optimiser swapped without its learning rate) stays far below it. (nnU-Net's whole SGD recipe, lr 1e-2, does
+    learn this CPU task, unlike the issue's GPU run: it reaches the bar, so it cannot be the control here.)"""
+    cls, overrides, patch, steps = FAMILIES["vim_unet"]
+    broken = dataclasses.replace(recipes.NNUNET, name="SGD at 1e-4", lr=1e-4)
+    trainer = build_trainer(cls, patch, overrides, recipe=broken)
+    assert trainer.initial_lr == 1e-4 and isinstance(trainer.optimizer, torch.optim.SGD)
+    dice = train_and_score(trainer, patch, steps)
+    assert dice < DICE_BAR / 2, f"the broken recipe reached Dice {dice:.3f}"
