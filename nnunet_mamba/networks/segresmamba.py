@@ -31,6 +31,11 @@ selective scan, whose 1.8G state updates would add a few GMAC-equivalents). The 
 of the 43.2M gap is what the released code builds and counts but never runs, a whole SegResNet encoder
 (blocks_down (1, 2, 2, 4), 48 filters, 4 inputs: 39.58M); the remaining 3.6M we cannot attribute.
 Two residual blocks per up stage would add 10.45M parameters and 228 GMACs, far from the paper's MACs.
+Counting that unused encoder, 76.81M + 39.58M = 116.39M is 3.0% below the paper's 119.98M: the paper's figure is
+the released code's parameter count, not the size of the network it describes and runs. Both figures cannot hold
+for a network that runs all its parameters and is what the paper describes: its layers give 76.8M parameters
+and 329.64 GMACs (-2.0%); the other 43.2M would have to be layers it does not describe. We keep the described
+network and its MACs, and add no parameters that never run.
 
 Any patch size: the input is zero-padded at the end of every axis to a multiple of 16 (the encoder's stride)
 and the outputs are cropped; training needs more than 32 voxels along at least one axis (the deepest CMMB

@@ -1,6 +1,7 @@
 """Thin nnU-Net trainer subclasses: they only say which registered network to build from the plans."""
 from __future__ import annotations
 
+import dataclasses
 import os
 import random
 
@@ -12,6 +13,7 @@ from torch import nn
 
 from ..networks import create_network, get_network_spec, plan_kwargs, resolve_plan_imports
 from ..ops import resolve_backend
+from . import recipes
 
 AMP_DTYPE_ENV = "NNUNET_MAMBA_AMP_DTYPE"
 _AMP_DTYPES = {"float16": torch.float16, "fp16": torch.float16, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
@@ -42,6 +44,17 @@ class nnUNetTrainerMamba(nnUNetTrainer):
     network_overrides: dict = {}
     # smoke-test variants of networks sized by the plans divide the plans' widths by this (at least 4 channels)
     plans_width_divisor: int = 1
+    # optimiser and learning-rate schedule (nnunet_mamba.trainers.recipes); its lr and weight decay become
+    # nnU-Net's initial_lr and weight_decay, which configure_optimizers then reads
+    recipe: recipes.Recipe = recipes.NNUNET
+
+    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
+                 device: torch.device = torch.device("cuda")):
+        super().__init__(plans, configuration, fold, dataset_json, device)
+        self.initial_lr = self.recipe.lr
+        self.weight_decay = self.recipe.weight_decay
+        if self.recipe.epochs is not None:
+            self.num_epochs = self.recipe.epochs
 
     @classmethod
     def build_network_architecture(cls, plans_manager: PlansManager, configuration_manager: ConfigurationManager,
@@ -78,10 +91,29 @@ class nnUNetTrainerMamba(nnUNetTrainer):
         network = getattr(network, "module", network)
         return getattr(network, "_orig_mod", network)
 
+    def configure_optimizers(self):
+        recipe = dataclasses.replace(self.recipe, lr=self.initial_lr, weight_decay=self.weight_decay)
+        return recipes.build(recipe, self.network.parameters(), self.num_epochs)
+
     def initialize(self) -> None:
         super().initialize()
         self.print_to_log_file(f"nnunet-mamba: network {self.network_name}, selective-scan backend "
                                f"'{resolve_backend(self.device)}'")
+        recipe = dataclasses.replace(self.recipe, lr=self.initial_lr, weight_decay=self.weight_decay)
+        self.print_to_log_file(f"nnunet-mamba: {recipe.describe()}, {self.num_epochs} epochs")
+
+    def on_validation_epoch_end(self, val_outputs: list) -> None:
+        super().on_validation_epoch_end(val_outputs)
+        if isinstance(self.lr_scheduler, recipes.PlateauScheduler):
+            # all-gathered under DDP, so every rank takes the same decision
+            self.lr_scheduler.report(self.logger.get_value("val_losses", step=-1))
+
+    def load_checkpoint(self, filename_or_checkpoint) -> None:
+        super().load_checkpoint(filename_or_checkpoint)
+        if isinstance(self.lr_scheduler, recipes.PlateauScheduler):
+            # nnU-Net's checkpoint has no scheduler state: replay the validation losses it logged
+            losses = self.logger.get_value("val_losses", step=None)[:self.current_epoch]
+            self.lr_scheduler.replay(losses)
 
     def on_train_start(self) -> None:
         # nnU-Net's train/validation steps call autocast without a dtype, so they take the device's default one

@@ -13,6 +13,9 @@ with L nnU-Net's Dice+CE, x' the fused prediction, x'_i the side predictions and
 side's size (nnU-Net's target down-sampling at the network's ``deep_supervision_scales``). The weights are
 [1, lambda / n, ..., lambda / n], not normalised (nnU-Net normalises its own weights to sum 1).
 ``pyramid_lambda`` (default 1, the paper's) is a class attribute; ``NNUNET_MAMBA_PYRAMID_LAMBDA`` overrides it.
+
+All train with Flemme's recipe (Adam, lr 3e-4, weight decay 1e-8, linear decay to 0.01 x lr);
+``..._nnUNetRecipe`` variants with nnU-Net's SGD recipe, for comparison.
 """
 from __future__ import annotations
 
@@ -22,6 +25,7 @@ from typing import List
 import torch
 from nnunetv2.training.loss.deep_supervision import DeepSupervisionWrapper
 
+from . import recipes
 from .base import ShortRunMixin, nnUNetTrainerMamba
 
 PYRAMID_LAMBDA_ENV = "NNUNET_MAMBA_PYRAMID_LAMBDA"
@@ -39,6 +43,8 @@ def pyramid_loss_weights(num_sides: int, lam: float) -> List[float]:
 class nnUNetTrainerFlemmeSeM(nnUNetTrainerMamba):
     """SeM: one prediction, nnU-Net's Dice+CE without deep supervision."""
 
+    recipe = recipes.FLEMME
+
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = torch.device("cuda")):
         super().__init__(plans, configuration, fold, dataset_json, device)
@@ -48,6 +54,7 @@ class nnUNetTrainerFlemmeSeM(nnUNetTrainerMamba):
 class nnUNetTrainerFlemmeHSeM(nnUNetTrainerMamba):
     """H-SeM: fused and side predictions, trained with the pyramid loss."""
 
+    recipe = recipes.FLEMME
     pyramid_lambda: float = 1.0
 
     @property
@@ -108,6 +115,46 @@ class nnUNetTrainerFlemmeSwinU_HSeM(nnUNetTrainerFlemmeHSeM):
 
 class nnUNetTrainerFlemmeMambaU_HSeM(nnUNetTrainerFlemmeHSeM):
     network_name = "flemme_mambau_hsem"
+
+
+class nnUNetTrainerFlemmeResNet_nnUNetRecipe(nnUNetTrainerFlemmeResNet):
+    recipe = recipes.NNUNET
+
+
+class nnUNetTrainerFlemmeUNet_nnUNetRecipe(nnUNetTrainerFlemmeUNet):
+    recipe = recipes.NNUNET
+
+
+class nnUNetTrainerFlemmeCAttenU_nnUNetRecipe(nnUNetTrainerFlemmeCAttenU):
+    recipe = recipes.NNUNET
+
+
+class nnUNetTrainerFlemmeSwinU_nnUNetRecipe(nnUNetTrainerFlemmeSwinU):
+    recipe = recipes.NNUNET
+
+
+class nnUNetTrainerFlemmeMambaU_nnUNetRecipe(nnUNetTrainerFlemmeMambaU):
+    recipe = recipes.NNUNET
+
+
+class nnUNetTrainerFlemmeResNet_HSeM_nnUNetRecipe(nnUNetTrainerFlemmeResNet_HSeM):
+    recipe = recipes.NNUNET
+
+
+class nnUNetTrainerFlemmeUNet_HSeM_nnUNetRecipe(nnUNetTrainerFlemmeUNet_HSeM):
+    recipe = recipes.NNUNET
+
+
+class nnUNetTrainerFlemmeCAttenU_HSeM_nnUNetRecipe(nnUNetTrainerFlemmeCAttenU_HSeM):
+    recipe = recipes.NNUNET
+
+
+class nnUNetTrainerFlemmeSwinU_HSeM_nnUNetRecipe(nnUNetTrainerFlemmeSwinU_HSeM):
+    recipe = recipes.NNUNET
+
+
+class nnUNetTrainerFlemmeMambaU_HSeM_nnUNetRecipe(nnUNetTrainerFlemmeMambaU_HSeM):
+    recipe = recipes.NNUNET
 
 
 class nnUNetTrainerFlemmeMambaU_demo(ShortRunMixin, nnUNetTrainerFlemmeMambaU):

@@ -16,35 +16,15 @@ correctly.
 """
 from __future__ import annotations
 
-import math
 from typing import Callable, Iterable, List
 
 import torch
-from torch.optim.lr_scheduler import LRScheduler
 
 from ..networks import load_vmamba_encoder
 from ..pretrained import load_pretrained_state_dict
+from . import recipes
 from .base import ShortRunMixin, nnUNetTrainerMamba
-
-
-class CosineAnnealingScheduler(LRScheduler):
-    """Cosine annealing from ``initial_lr`` to ``min_lr`` over ``max_steps``, set from the epoch number the way
-    nnU-Net steps its schedulers (``step(current_epoch)``), so resuming lands on the right learning rate."""
-
-    def __init__(self, optimizer: torch.optim.Optimizer, initial_lr: float, max_steps: int, min_lr: float) -> None:
-        self.initial_lr, self.max_steps, self.min_lr = initial_lr, max_steps, min_lr
-        self.ctr = 0
-        super().__init__(optimizer)
-
-    def step(self, current_step: int = None) -> None:
-        if current_step is None or current_step == -1:
-            current_step = self.ctr
-            self.ctr += 1
-        progress = min(current_step, self.max_steps) / max(self.max_steps, 1)
-        lr = self.min_lr + 0.5 * (self.initial_lr - self.min_lr) * (1 + math.cos(math.pi * progress))
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
-        self._last_lr = [lr] * len(self.optimizer.param_groups)
+from .recipes import CosineAnnealingScheduler  # noqa: F401 - its former home
 
 
 def freeze_while(optimizer: torch.optim.Optimizer, parameters: Iterable[torch.nn.Parameter],
@@ -77,12 +57,7 @@ class nnUNetTrainerSwinUMambaScratch(nnUNetTrainerMamba):
     pretrained_weights: str = ""  # a name in nnunet_mamba.pretrained; empty: train from scratch
     faithful_loading = True  # load_vmamba_encoder(faithful=...): the original's patch-embedding loading
     freeze_epochs = 0
-
-    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
-                 device: torch.device = torch.device("cuda")):
-        super().__init__(plans, configuration, fold, dataset_json, device)
-        self.initial_lr = 1e-4
-        self.weight_decay = 5e-2
+    recipe = recipes.SWIN_UMAMBA
 
     def initialize(self) -> None:
         super().initialize()
@@ -93,9 +68,7 @@ class nnUNetTrainerSwinUMambaScratch(nnUNetTrainerMamba):
             self.print_to_log_file(f"nnunet-mamba: {self.pretrained_weights} ImageNet weights: {report}")
 
     def configure_optimizers(self):
-        optimizer = torch.optim.AdamW(self.network.parameters(), lr=self.initial_lr, weight_decay=self.weight_decay,
-                                      eps=1e-5)
-        scheduler = CosineAnnealingScheduler(optimizer, self.initial_lr, self.num_epochs, 1e-6)
+        optimizer, scheduler = super().configure_optimizers()
         if self.freeze_epochs:
             # nnU-Net calls this before wrapping the network in DDP; the hooks hold the parameters themselves,
             # which DDP (and SyncBatchNorm's conversion) keep
@@ -140,3 +113,11 @@ class nnUNetTrainerSwinUMambaAdaptedLoading(nnUNetTrainerSwinUMamba):
 class nnUNetTrainerSwinUMambaDAdaptedLoading(nnUNetTrainerSwinUMambaD):
     """Swin-UMamba-dagger loading its patch embedding with the RGB kernel adapted to the input channels."""
     faithful_loading = False
+
+
+class nnUNetTrainerSwinUMambaScratch_nnUNetRecipe(nnUNetTrainerSwinUMambaScratch):
+    recipe = recipes.NNUNET
+
+
+class nnUNetTrainerSwinUMambaDScratch_nnUNetRecipe(nnUNetTrainerSwinUMambaDScratch):
+    recipe = recipes.NNUNET

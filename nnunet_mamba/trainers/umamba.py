@@ -1,4 +1,4 @@
-"""U-Mamba trainers, under the original repository's names."""
+"""U-Mamba trainers, under the original repository's names; nnU-Net's recipe, as the original's trainers keep."""
 from .base import ShortRunMixin, nnUNetTrainerMamba
 
 
