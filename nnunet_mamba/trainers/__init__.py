@@ -8,7 +8,7 @@ from .flemme import (nnUNetTrainerFlemmeCAttenU, nnUNetTrainerFlemmeCAttenU_HSeM
 from .segresmamba import nnUNetTrainerSegResMamba, nnUNetTrainerSegResMamba_demo
 from .swin_umamba import (nnUNetTrainerSwinUMamba, nnUNetTrainerSwinUMamba_demo, nnUNetTrainerSwinUMambaD,
                           nnUNetTrainerSwinUMambaD_demo, nnUNetTrainerSwinUMambaDScratch,
-                          nnUNetTrainerSwinUMambaScratch)
+                          nnUNetTrainerSwinUMambaScratch, nnUNetTrainerSwinUMambaScratch_demo)
 from .umamba import (nnUNetTrainerUMambaBot, nnUNetTrainerUMambaBot_demo, nnUNetTrainerUMambaEnc,
                      nnUNetTrainerUMambaEnc_demo)
 from .vim_unet import nnUNetTrainerViMUNetSmall, nnUNetTrainerViMUNetTiny, nnUNetTrainerViMUNetTiny_demo
@@ -23,7 +23,8 @@ __all__ = ["ShortRunMixin", "nnUNetTrainerMamba", "plans_network_kwargs",
            "nnUNetTrainerSegResMamba",
            "nnUNetTrainerSegResMamba_demo", "nnUNetTrainerSwinUMamba",
            "nnUNetTrainerSwinUMamba_demo", "nnUNetTrainerSwinUMambaD", "nnUNetTrainerSwinUMambaD_demo",
-           "nnUNetTrainerSwinUMambaDScratch", "nnUNetTrainerSwinUMambaScratch", "nnUNetTrainerUMambaBot",
+           "nnUNetTrainerSwinUMambaDScratch", "nnUNetTrainerSwinUMambaScratch", "nnUNetTrainerSwinUMambaScratch_demo",
+           "nnUNetTrainerUMambaBot",
            "nnUNetTrainerUMambaBot_demo", "nnUNetTrainerUMambaEnc", "nnUNetTrainerUMambaEnc_demo",
            "nnUNetTrainerViMUNetSmall", "nnUNetTrainerViMUNetTiny", "nnUNetTrainerViMUNetTiny_demo"]
 

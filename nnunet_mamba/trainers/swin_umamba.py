@@ -129,3 +129,10 @@ class nnUNetTrainerSwinUMamba_demo(ShortRunMixin, nnUNetTrainerSwinUMamba):
 
 class nnUNetTrainerSwinUMambaD_demo(ShortRunMixin, nnUNetTrainerSwinUMambaD):
     freeze_epochs = 1
+
+
+class nnUNetTrainerSwinUMambaScratch_demo(ShortRunMixin, nnUNetTrainerSwinUMambaScratch):
+    """A narrow, shallow Swin-UMamba from scratch (no ImageNet weights to fit): for fine-tuning smoke tests,
+    ``nnUNetv2_train ... -pretrained_weights``, on a CPU."""
+
+    network_overrides = {"depths": (1, 1, 1, 1), "embed_dim": 16, "stem_channels": 8}
