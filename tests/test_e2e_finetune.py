@@ -17,7 +17,7 @@ from nnunet_mamba.synthetic import make_dataset  # noqa: E402
 from test_e2e_nnunet import nnunet  # noqa: E402
 
 pytestmark = pytest.mark.e2e
-SHAPE = (48, 64)
+SHAPE = (32, 32)  # Swin-UMamba's total stride: no padding, the cheapest patch it takes
 TRAINER = "nnUNetTrainerSwinUMambaScratch_demo"  # needs no ImageNet weights
 # dataset B: background + 4 labels, two more than A's disk and box
 LABELS_B = {"background": 0, "disk": 1, "box": 2, "bright_disk": 3, "black_box": 4}
@@ -39,7 +39,7 @@ def make_four_class_dataset(raw_root: str, dataset_id: int, n_train: int = 6, n_
         for value, quadrant in zip((1, 2, 3, 4), rng.permutation(4)):
             cy = (quadrant // 2 + rng.uniform(0.35, 0.65)) * SHAPE[0] / 2
             cx = (quadrant % 2 + rng.uniform(0.35, 0.65)) * SHAPE[1] / 2
-            size = rng.uniform(0.2, 0.3) * SHAPE[0] / 2 + 2
+            size = rng.uniform(0.2, 0.3) * SHAPE[0] / 2 + 1  # half-size: 4-6 voxels in a 16-voxel quadrant
             inside = ((y - cy) ** 2 + (x - cx) ** 2 <= size ** 2) if value in (1, 3) else \
                 (np.abs(y - cy) <= size) & (np.abs(x - cx) <= size)
             label[inside] = value
