@@ -6,6 +6,8 @@
 - :func:`convert_checkpoint`: an nnU-Net checkpoint written by the original U-Mamba or Swin-UMamba repositories
   (their vendored nnU-Net of the 2.2 era) into one that nnU-Net 2.8 and our trainers load.
 - :func:`convert_flemme_state_dict`: the original Flemme's SeM Swin-U / Mamba-U weights renamed into ours.
+- :func:`convert_swin_umamba_state_dict`: the original Swin-UMamba's head keys (``out_layers.*``) renamed to ours
+  (``decoder.seg_layers.*``, which nnU-Net's ``-pretrained_weights`` leaves out when fine-tuning).
 """
 from __future__ import annotations
 
@@ -169,6 +171,25 @@ def convert_umamba_state_dict(state_dict: Mapping[str, torch.Tensor]) -> Dict[st
     return converted
 
 
+# The original Swin-UMamba's heads -> ours (Swin-UMamba-dagger's are decoder.seg_layers.* in both)
+SWIN_UMAMBA_HEAD_PREFIXES = (("out_layers.", "decoder.seg_layers."),)
+
+
+def convert_swin_umamba_state_dict(state_dict: Mapping[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+    """The original Swin-UMamba's state dict in our layout: its heads ``out_layers.*`` become
+    ``decoder.seg_layers.*`` (nnU-Net's name for segmentation heads); order, values and all other keys are kept."""
+    converted: Dict[str, torch.Tensor] = {}
+    for key, value in state_dict.items():
+        for old, new in SWIN_UMAMBA_HEAD_PREFIXES:
+            if key.startswith(old):
+                key = new + key[len(old):]
+                break
+        if key in converted:
+            raise CheckpointError(f"Swin-UMamba state dict: {key} is there under both its original and our name")
+        converted[key] = value
+    return converted
+
+
 def convert_checkpoint(checkpoint: Mapping[str, Any], trainer_name: Optional[str] = None) -> Dict[str, Any]:
     """A new checkpoint dict for nnU-Net 2.8 from one of the original repositories' nnU-Net checkpoints.
 
@@ -190,8 +211,8 @@ def convert_checkpoint(checkpoint: Mapping[str, Any], trainer_name: Optional[str
                               f"{', '.join(ORIGINAL_TRAINERS)}")
     family, ours = ORIGINAL_TRAINERS[original]
     weights = checkpoint["network_weights"]
-    # Swin-UMamba's layout is already ours; callers check it against the network (check_state_dict).
-    weights = convert_umamba_state_dict(weights) if family == "umamba" else dict(weights)
+    # callers check the result against the network (check_state_dict)
+    weights = convert_umamba_state_dict(weights) if family == "umamba" else convert_swin_umamba_state_dict(weights)
     init_args = {k: v for k, v in checkpoint["init_args"].items() if k not in REMOVED_INIT_ARGS}
     return {**checkpoint, "network_weights": weights, "init_args": init_args, "trainer_name": trainer_name or ours}
 
@@ -208,8 +229,8 @@ _FLEMME_CONTAINERS = (
     (r"encoder\.down\.(\d+)\.(reduction|norm)\.", r"encoder.downsamples.\1.\2."),
     (r"decoder\.up\.(\d+)\.(expand|norm)\.", r"decoder.upsamples.\1.\2."),
     (r"decoder\.(?:u_trans|u_ssm)\.(\d+)\.building_blocks\.(\d+)\.", r"decoder.stages.\1.\2."),
-    (r"decoder\.patch_recov\.expand\.expand\.", "decoder.recovery.expand.expand."),
-    (r"decoder\.patch_recov\.conv\.", "decoder.recovery.proj."),
+    (r"decoder\.patch_recov\.expand\.expand\.", "decoder.seg_layers.recovery.expand.expand."),
+    (r"decoder\.patch_recov\.conv\.", "decoder.seg_layers.recovery.proj."),
 )
 # Inside a SwinTransformerBlock / VMambaBlock (flemme/block/swin.py, vmamba.py, common.py): norms are NormBlocks
 # holding ``norm``, MLPs a MultiLayerPerceptionBlock of DenseBlocks (``mlp.<i>.linear``), the Swin width change a

@@ -82,8 +82,9 @@ def test_benchmark_all_takes_the_networks_of_the_plans_dimension():
     from nnunet_mamba.cli.benchmark import _networks
     from nnunet_mamba.networks import get_network_spec
     names_3d = _networks(argparse.Namespace(all=True, networks=[]), 3)
-    assert names_3d[0] == "plainconvunet" and "segresmamba" in names_3d and "swin_umamba" not in names_3d
-    assert all(3 in get_network_spec(n).dims for n in names_3d[1:])
+    assert names_3d[:3] == ["plainconvunet", "resenc_m", "resenc_l"]
+    assert "segresmamba" in names_3d and "swin_umamba" not in names_3d
+    assert all(3 in get_network_spec(n).dims for n in names_3d[3:])
     assert "swin_umamba" in _networks(argparse.Namespace(all=True, networks=[]), 2)
 
 
@@ -143,3 +144,38 @@ def test_profiled_benchmark_step_is_split_by_category():
     assert {"scan", "convolution", "normalization"} <= set(categories)  # the Mamba bottleneck's scan op is seen
     assert all(ms > 0 for ms in categories.values())
     assert list(categories.values()) == sorted(categories.values(), reverse=True)
+
+
+
+def test_benchmark_has_resenc_rows(capsys, tmp_path, monkeypatch):
+    """nnU-Net Revisited's ResEnc M / L presets as baselines: ResidualEncoderUNet with the ResEnc planners' blocks
+    per stage (on a narrow 4-stage plan; --batch given: both at batch 2, so the same network twice)."""
+    import json
+
+    from dynamic_network_architectures.architectures.unet import ResidualEncoderUNet
+
+    from nnunet_mamba.cli import benchmark
+    tiny = {"patch_size": [32, 32], "batch_size": 2, "arch": benchmark._stages(2, 4, [4, 8, 16, 16])}
+    monkeypatch.setitem(benchmark.PRESETS, "2d_320", tiny)
+    out_json = tmp_path / "bench.json"
+    assert main(["benchmark", "plainconvunet", "resenc_m", "resenc_l", "--batch", "2", "--steps", "1", "--warmup",
+                 "0", "--device", "cpu", "--json", str(out_json)]) == 0
+    rows = {r["network"]: r for r in json.loads(out_json.read_text())["rows"]}
+    assert list(rows) == ["plainconvunet", "resenc_m", "resenc_l"]
+    table = capsys.readouterr().out
+    assert all(f"\n{name} " in table for name in rows)
+    network = benchmark.build("resenc_m", tiny, 1, 14)
+    assert isinstance(network, ResidualEncoderUNet)
+    assert [len(stage.blocks) for stage in network.encoder.stages] == [1, 3, 4, 6]
+    assert rows["resenc_m"]["params"] == rows["resenc_l"]["params"] == sum(p.numel() for p in network.parameters())
+    assert rows["resenc_m"]["params"] > rows["plainconvunet"]["params"]
+
+
+def test_resenc_presets_batch_is_what_their_planners_choose():
+    """nnU-Net's formula (ExperimentPlanner.get_plans_for_configuration) with the M / L reference values, for the
+    3D preset's layout and patch: M keeps nnU-Net's default batch of 2, L's 24 GB target triples it."""
+    from nnunet_mamba.cli.benchmark import PRESETS, network_kwargs
+    from nnunet_mamba.planning import resenc_batch_size
+    plan = PRESETS["3d_128"]
+    assert [resenc_batch_size(n, network_kwargs(n, plan), plan["patch_size"], 1, 14)
+            for n in ("resenc_m", "resenc_l")] == [2, 7]

@@ -371,8 +371,9 @@ def _original_block_key(rest: str, mamba: bool) -> str:
 
 
 _ORIGINAL_MODULES = {"encoder.patch_embed.proj.": "encoder.patch_emb.conv.", "encoder.downsamples.": "encoder.down.",
-                     "decoder.upsamples.": "decoder.up.", "decoder.recovery.proj.": "decoder.patch_recov.conv.",
-                     "decoder.recovery.expand.": "decoder.patch_recov.expand."}
+                     "decoder.upsamples.": "decoder.up.",
+                     "decoder.seg_layers.recovery.proj.": "decoder.patch_recov.conv.",
+                     "decoder.seg_layers.recovery.expand.": "decoder.patch_recov.expand."}
 
 
 def original_flemme_state_dict(network, mamba: bool) -> dict:

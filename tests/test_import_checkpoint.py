@@ -14,7 +14,7 @@ import torch
 
 import nnunet_mamba
 from nnunet_mamba.checkpoints import (CheckpointError, check_state_dict, convert_checkpoint,
-                                      convert_umamba_state_dict, state_dict_mismatch)
+                                      convert_swin_umamba_state_dict, convert_umamba_state_dict, state_dict_mismatch)
 from nnunet_mamba.cli import main as cli_main
 
 REFERENCE = Path(__file__).resolve().parent / "reference"
@@ -180,13 +180,23 @@ def test_foreign_checkpoints_are_refused():
         convert_checkpoint([1, 2])
 
 
-def test_swin_umamba_weights_are_kept_and_checked():
+def test_swin_umamba_weights_are_kept_heads_renamed_and_checked():
     state = OrderedDict((k, torch.zeros(()).expand(s)) for k, s in SWIN["state_dict"])
     converted = convert_checkpoint(original_checkpoint(state, "nnUNetTrainerSwinUMambaScratch"))
     assert converted["trainer_name"] == "nnUNetTrainerSwinUMambaScratch"
-    assert list(converted["network_weights"]) == list(state)
-    assert all(converted["network_weights"][k] is state[k] for k in state)
-    check_state_dict(converted["network_weights"], dict(SWIN["state_dict"]), "Swin-UMamba")
+    renamed = [k.replace("out_layers.", "decoder.seg_layers.", 1) if k.startswith("out_layers.") else k for k in state]
+    assert list(converted["network_weights"]) == renamed
+    assert sum(k.startswith("out_layers.") for k in state) == 8  # 4 heads, weight and bias
+    assert all(converted["network_weights"][new] is state[old] for old, new in zip(state, renamed))
+    # nnU-Net's -pretrained_weights skips keys containing .seg_layers.: every tensor that depends on the classes
+    assert [k for k in converted["network_weights"] if ".seg_layers." in k] == renamed[-8:]
+    # our network's layout (tests/test_swin_umamba.py checks it against the converted manifest)
+    check_state_dict(converted["network_weights"], dict(zip(renamed, (s for _, s in SWIN["state_dict"]))),
+                     "Swin-UMamba")
+    assert list(convert_checkpoint(converted)["network_weights"]) == renamed  # idempotent
+    with pytest.raises(CheckpointError, match="both its original and our name"):
+        convert_swin_umamba_state_dict({"out_layers.0.conv.conv.bias": torch.zeros(2),
+                                        "decoder.seg_layers.0.conv.conv.bias": torch.zeros(2)})
 
 
 def test_mismatch_messages_count_and_list():

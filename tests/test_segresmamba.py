@@ -161,7 +161,7 @@ def test_registered_and_buildable_from_the_registry():
     assert spec.dims == (3,) and not spec.needs_input_size
     network = create_network("segresmamba", input_channels=1, num_classes=5, encoder_width=4, decoder_width=8)
     assert network.decoder.deep_supervision is False
-    assert network.decoder.final.out_channels == 5
+    assert network.decoder.seg_layers[-1].out_channels == 5
 
 
 def test_full_width_parameter_count():

@@ -3,7 +3,9 @@
 One training step = nnU-Net's: forward under autocast (fp16 on CUDA), Dice+CE with deep supervision, backward
 through a GradScaler, SGD step. With it the forward pass per image: GMACs (matmuls and convolutions) and GFLOPs
 (those, 2 per MAC, plus the selective scans). Networks are built from a plan preset (the reference plans of the
-original papers) or from a real nnU-Net plans file, with nnU-Net's PlainConvUNet available as the baseline.
+original papers) or from a real nnU-Net plans file, with nnU-Net's PlainConvUNet and its ResEnc M / L presets
+(nnU-Net Revisited: ResidualEncoderUNet at the batch size their planners choose for the plan's patch) available as
+baselines.
 """
 from __future__ import annotations
 
@@ -23,7 +25,8 @@ from tqdm import tqdm
 from ..networks import get_network_spec, list_networks, plan_kwargs, resolve_plan_imports
 from ..ops import resolve_backend
 from ..ops.flops import register_scan_flops
-from ..planning import BASELINES, build_network, estimate_training_memory_gib, training_loss
+from ..planning import (BASELINES, RESENC_PRESETS, baseline_kwargs, build_network, estimate_training_memory_gib,
+                        resenc_batch_size, training_loss)
 
 
 def _stages(dim: int, n_stages: int, features: List[int]) -> dict:
@@ -62,7 +65,7 @@ def plan_from_file(plans_file: str, configuration: str) -> dict:
 def network_kwargs(name: str, plan: dict) -> dict:
     """Constructor kwargs of network ``name`` for a benchmark plan."""
     if name in BASELINES:
-        return {k: v for k, v in plan["arch"].items() if k != "n_blocks_per_stage"}
+        return baseline_kwargs(name, plan["arch"])
     return plan_kwargs(name, plan["arch"], plan["patch_size"], plan.get("network_class_name"))
 
 
@@ -218,9 +221,10 @@ def _forward_flops(network: nn.Module, image: torch.Tensor) -> Tuple[int, int]:
 def add_parser(sub) -> None:
     p = sub.add_parser("benchmark", help="training-step time, peak memory and parameters of networks")
     p.add_argument("networks", nargs="*", default=["plainconvunet", "umamba_bot", "umamba_enc"],
-                   help=f"names from `nnunet-mamba list` or baselines {sorted(BASELINES)} (default: %(default)s)")
+                   help=f"names from `nnunet-mamba list` or baselines {sorted(BASELINES)} (nnU-Net's PlainConvUNet, "
+                        "its ResEnc M / L presets; default: %(default)s)")
     p.add_argument("--all", action="store_true",
-                   help="every registered network available in the plan's dimension, after PlainConvUNet")
+                   help="every registered network available in the plan's dimension, after the baselines")
     p.add_argument("--preset", choices=sorted(PRESETS), default="2d_320", help="plan preset (default: %(default)s)")
     p.add_argument("--plans", help="an nnU-Net plans.json to take the plan from instead of a preset")
     p.add_argument("-c", "--configuration", default="2d", help="configuration in --plans (default: %(default)s)")
@@ -257,7 +261,7 @@ def add_parser(sub) -> None:
 
 def _networks(args: argparse.Namespace, dim: int) -> List[str]:
     if args.all:
-        return ["plainconvunet"] + [n for n in list_networks() if dim in get_network_spec(n).dims]
+        return list(BASELINES) + [n for n in list_networks() if dim in get_network_spec(n).dims]
     unknown = [n for n in args.networks if n not in BASELINES and n not in list_networks()]
     if unknown:
         raise SystemExit(f"unknown network(s) {unknown}; see `nnunet-mamba list`")
@@ -429,11 +433,18 @@ def run(args: argparse.Namespace) -> int:
               f"{'fp16 autocast' if device.type == 'cuda' else 'fp32'}{', compiled' if args.compile else ''}"
               f"{f' | median of {args.repeats} interleaved passes' if args.repeats > 1 else ''}")
     print(header)
+    # the ResEnc presets train at the batch their planners choose for this patch (unless --batch says otherwise)
+    batches = {name: args.batch or resenc_batch_size(name, network_kwargs(name, plan), plan["patch_size"], 1,
+                                                     args.classes) if name in RESENC_PRESETS else batch
+               for name in names}
+    for name in names:
+        if batches[name] != batch:
+            print(f"{name}: batch {batches[name]} (nnU-Net's {RESENC_PRESETS[name].plans_name} planner for this patch)")
     passes = []
     for _ in tqdm(range(args.repeats), desc="passes", disable=args.repeats == 1):
         passes.append([])
         for name in names:
-            passes[-1].append(measure(name, plan, batch, args.classes, device, args.steps, args.warmup,
+            passes[-1].append(measure(name, plan, batches[name], args.classes, device, args.steps, args.warmup,
                                       args.compile, args.profile))
             if device.type == "cuda":
                 torch.cuda.empty_cache()  # the previous network is gone; start the next from a clean pool
@@ -441,7 +452,7 @@ def run(args: argparse.Namespace) -> int:
     if args.estimate:
         for r in rows:
             r["est_gib"] = estimate_training_memory_gib(r["network"], network_kwargs(r["network"], plan),
-                                                        plan["patch_size"], batch, args.classes, 1)
+                                                        plan["patch_size"], batches[r["network"]], args.classes, 1)
     rows = _table_rows(rows)
     columns = [(k, t) for k, t in COLUMNS if any(k in r for r in rows)]
     widths = {k: max(len(t), *(len(_format(k, r.get(k, float("nan")))) for r in rows)) + 2 for k, t in columns}

@@ -21,16 +21,18 @@ Module tree (C0 = patch width, C1..Cn = level widths, M = middle width; strides:
     decoder.upsamples[i]   conv family: transposed conv; token family: patch expanding (+ LayerNorm); into the skip
                            width (U-Nets), keeping the width (resnet)
     decoder.stages[i]      ``num_blocks`` blocks on the concatenation [skip, upsampled] (resnet: the upsampled map)
-    decoder.recovery       conv family: transposed conv k=2p-p%2, stride p to the classes; token family: patch
+    decoder.seg_layers.recovery  conv family: transposed conv k=2p-p%2, stride p to the classes; token family: patch
                            expanding by p (width kept, no norm) + 1x1 conv to the classes
     H-SeM only:
     side_blocks[j]         on the bottleneck and every decoder stage: ResConvBlock (conv family) or MambaBlock
                            (token family, also for swinu, as the original); with the network's norm / LayerNorm
                            (the original passes its side blocks a keyword they ignore: batch norm / no norm)
-    side_heads[j]          1x1 conv to the classes (the original pads these by 1, growing each side output by 2
+    decoder.seg_layers.sides[j]  1x1 conv to the classes (the original pads these by 1, growing each side output by 2
                            voxels per axis; here no padding)
-    combination            CombinationLayer (paper Eq. 12): [final prediction, sides] resized to the patch,
+    decoder.seg_layers.combination  CombinationLayer (paper Eq. 12): [final prediction, sides] resized to the patch,
                            + learnable position encoding, concatenated, 1x1 conv
+    Every layer that depends on the number of classes is under ``decoder.seg_layers``, which nnU-Net's
+    ``-pretrained_weights`` leaves out.
 
 nnU-Net plans -> Flemme sizes (S = n_stages >= 3; sized by the plans' stages and widths, the paper's defaults
 for everything the plans do not say)
@@ -76,6 +78,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from dynamic_network_architectures.architectures.abstract_arch import AbstractDynamicNetworkArchitectures
 from torch import nn
 from torch.nn.modules.conv import _ConvNd
 
@@ -274,7 +277,7 @@ class FlemmeDecoder(nn.Module):
         super().__init__()
         self.upsamples = nn.ModuleList(upsamples)
         self.stages = nn.ModuleList(stages)
-        self.recovery = recovery
+        self.seg_layers = nn.ModuleDict({"recovery": recovery})  # H-SeM adds its heads here
         self.skip_connections = skip_connections
         self.channel_axis = channel_axis
         self.deep_supervision = deep_supervision
@@ -288,10 +291,10 @@ class FlemmeDecoder(nn.Module):
                 x = torch.cat((skip, x), dim=self.channel_axis)
             x = stage(x)
             features.append(x)
-        return self.recovery(x), features
+        return self.seg_layers["recovery"](x), features
 
 
-class FlemmeNet(nn.Module):
+class FlemmeNet(AbstractDynamicNetworkArchitectures):
     """A Flemme encoder in the SeM or H-SeM architecture; subclasses fix ``encoder_name`` and ``architecture``.
 
     Constructor arguments are nnU-Net's architecture kwargs (``n_stages``, ``features_per_stage``, ``conv_op``,
@@ -334,14 +337,20 @@ class FlemmeNet(nn.Module):
                             mlp_ratio)
         self.encoder = self._build_encoder(parts, num_blocks, middle_depth, drop_path_rate)
         self.decoder = self._build_decoder(parts, num_blocks, drop_path_rate, deep_supervision)
+        # DNA's hooks (nnssl / OpenMind fine-tuning); the token family's patch embedding holds its convolution
+        self.key_to_encoder = "encoder"
+        self.key_to_stem = "encoder.patch_embed"
+        self.keys_to_in_proj = ("encoder.patch_embed" if isinstance(self.encoder.patch_embed, _ConvNd)
+                                else "encoder.patch_embed.proj",)
         if self.architecture == "hsem":
             layout = self.layout
             # bottleneck first, then the decoder stages: the order the features come in
             side_channels = [layout.middle_channels[-1], *reversed(layout.level_channels)]
             side_kernels = [layout.middle_kernel, *reversed(layout.level_kernels)]
             self.side_blocks = nn.ModuleList([parts.side_block(c, k) for c, k in zip(side_channels, side_kernels)])
-            self.side_heads = nn.ModuleList([conv_op(c, num_classes, 1) for c in side_channels])
-            self.combination = CombinationLayer(conv_op, len(side_channels) + 1, num_classes, position_grid)
+            self.decoder.seg_layers["sides"] = nn.ModuleList([conv_op(c, num_classes, 1) for c in side_channels])
+            self.decoder.seg_layers["combination"] = CombinationLayer(conv_op, len(side_channels) + 1, num_classes,
+                                                                      position_grid)
             # the fused prediction, then the sides from the highest resolution (level 0) to the bottleneck
             self.deep_supervision_scales = [[1.0] * dim] + [[1 / s for s in scale] for scale in scales]
         else:
@@ -428,11 +437,11 @@ class FlemmeNet(nn.Module):
         if self.architecture == "sem":
             return self._crop(logits, size)
         sides = []
-        for block, head, feature in zip(self.side_blocks, self.side_heads, [bottleneck, *features]):
+        for block, head, feature in zip(self.side_blocks, self.decoder.seg_layers["sides"], [bottleneck, *features]):
             feature = block(feature)
             sides.append(head(feature.movedim(-1, 1) if self.decoder.channel_axis == -1 else feature))
         sides.reverse()  # highest resolution first
-        fused = self.combination([logits, *sides], x.shape[2:])
+        fused = self.decoder.seg_layers["combination"]([logits, *sides], x.shape[2:])
         if not self.decoder.deep_supervision:
             return self._crop(fused, size)
         return [self._crop(o, shape) for o, shape in zip([fused, *sides], self.output_shapes(size))]

@@ -55,6 +55,7 @@ from typing import List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
+from dynamic_network_architectures.architectures.abstract_arch import AbstractDynamicNetworkArchitectures
 from torch import nn
 
 from ..layers.tom import ToM
@@ -139,25 +140,28 @@ class SegResMambaDecoder(nn.Module):
         levels = range(len(widths) - 2, -1, -1)  # from the level below the bottleneck up to stride 2
         self.reduce = nn.ModuleList([nn.Conv3d(widths[i + 1], widths[i], 1, bias=False) for i in levels])
         self.blocks = nn.ModuleList([ResBlock(widths[i]) for i in levels])
-        self.final = nn.ConvTranspose3d(widths[0], num_classes, 2, stride=2)
-        self.seg_heads = nn.ModuleList([nn.Conv3d(widths[i], num_classes, 1) for i in levels])
+        # the deep-supervision heads from the deepest level up, then the full-resolution head; called seg_layers
+        # as in nnU-Net's networks, so that -pretrained_weights leaves them out
+        self.seg_layers = nn.ModuleList([nn.Conv3d(widths[i], num_classes, 1) for i in levels]
+                                        + [nn.ConvTranspose3d(widths[0], num_classes, 2, stride=2)])
 
     def forward(self, skips: List[torch.Tensor]) -> List[torch.Tensor]:
         """Logits, highest resolution first: all levels with deep supervision, else only the full-resolution one."""
         x = skips[-1]
         outputs = []
-        for reduce, block, head, skip in zip(self.reduce, self.blocks, self.seg_heads, reversed(skips[:-1])):
+        for reduce, block, head, skip in zip(self.reduce, self.blocks, self.seg_layers[:-1],
+                                           reversed(skips[:-1])):
             x = F.interpolate(reduce(x), size=skip.shape[2:], mode="trilinear", align_corners=False)
             x = block(x + skip)
             if self.deep_supervision:
                 outputs.append(head(x))
-        outputs.append(self.final(x))
+        outputs.append(self.seg_layers[-1](x))
         return outputs[::-1]
 
 
 @register_network("segresmamba", dims=(3,),
                   summary="SegResMamba: CMMB encoder with tri-oriented Mamba, SegResNet decoder (Das et al. 2025)")
-class SegResMamba(nn.Module):
+class SegResMamba(AbstractDynamicNetworkArchitectures):
     """SegResMamba for nnU-Net 3D patches of any size; see the module docstring for the architecture."""
 
     deep_supervision_strides: Tuple[Tuple[int, int, int], ...] = ((1, 1, 1), (2, 2, 2), (4, 4, 4), (8, 8, 8))
@@ -182,6 +186,9 @@ class SegResMamba(nn.Module):
         self.encoder = SegResMambaEncoder(input_channels, encoder_widths, d_state, d_conv, expand)
         self.adapters = nn.ModuleList([SkipAdapter(c, w) for c, w in zip(encoder_widths, decoder_widths)])
         self.decoder = SegResMambaDecoder(decoder_widths, num_classes, deep_supervision)
+        self.key_to_encoder = "encoder"  # DNA's hooks (nnssl / OpenMind fine-tuning)
+        self.key_to_stem = "encoder.stem"
+        self.keys_to_in_proj = ("encoder.stem",)
 
     @classmethod
     def output_shapes(cls, spatial_shape: Sequence[int]) -> List[Tuple[int, ...]]:

@@ -31,6 +31,7 @@ from typing import Dict, List, Mapping, Optional, Sequence, Union
 
 import torch
 import torch.nn.functional as F
+from dynamic_network_architectures.architectures.abstract_arch import AbstractDynamicNetworkArchitectures
 from dynamic_network_architectures.initialization.weight_init import InitWeights_He
 from timm.models import adapt_input_conv
 from torch import nn
@@ -86,7 +87,20 @@ class UnetrUpBlock(nn.Module):
         return self.conv_block(torch.cat((self.transp_conv(x), skip), dim=1))
 
 
-class _SwinUMambaBase(nn.Module):
+class SwinUMambaHeads(nn.Module):
+    """Swin-UMamba's output convolutions (``seg_layers``, highest resolution first) and nnU-Net's deep-supervision
+    switch. The original's are ``out_layers.i.conv.conv``; named ``decoder.seg_layers`` here, as in nnU-Net's own
+    networks, so that ``-pretrained_weights`` leaves them out (:func:`nnunet_mamba.checkpoints.convert_checkpoint`
+    renames the original's keys)."""
+
+    def __init__(self, channels: Sequence[int], num_classes: int, deep_supervision: bool) -> None:
+        super().__init__()
+        self.deep_supervision = deep_supervision
+        self.seg_layers = nn.ModuleList([_nest("conv", _nest("conv", nn.Conv2d(c, num_classes, 1)))
+                                         for c in channels])
+
+
+class _SwinUMambaBase(AbstractDynamicNetworkArchitectures):
     """What both networks share: input checks, padding to the total stride, cropping, encoder freezing."""
 
     # Whether ``vssm_encoder.patch_embed`` reads the image (so ImageNet's RGB patch embedding can be adapted).
@@ -136,8 +150,9 @@ class _SwinUMambaBase(nn.Module):
 class SwinUMamba(_SwinUMambaBase):
     """Swin-UMamba (2D). Heads at 1, 1/2, 1/4, 1/8; ``deep_supervision`` returns all four, highest first.
 
-    The original keeps its decoder modules at the top level (``decoder6`` .. ``decoder1``, ``out_layers``), so the
-    deep-supervision switch nnU-Net sets, ``network.decoder.deep_supervision``, is the network's own attribute.
+    The original keeps its decoder modules at the top level (``decoder6`` .. ``decoder1``, ``out_layers``); ours too,
+    but for the heads, which are ``decoder.seg_layers`` (:class:`SwinUMambaHeads`) beside the deep-supervision switch
+    nnU-Net sets, ``network.decoder.deep_supervision``.
     The original's ``drop_path_rate`` argument was never used: its encoder always ran with 0.2, our default.
     """
 
@@ -150,7 +165,6 @@ class SwinUMamba(_SwinUMambaBase):
             raise ValueError(f"Swin-UMamba has four VSS stages; depths must have 4 entries, got {list(depths)}")
         super().__init__(input_channels, num_classes, total_stride=32, deep_supervision_scales=(1, 1 / 2, 1 / 4, 1 / 8),
                          strides=strides)
-        self.deep_supervision = deep_supervision
         feat = [stem_channels] + _stage_dims(embed_dim, 4)  # the original's feat_size; feat[4] is hidden_size
         self.stem = nn.Sequential(nn.Conv2d(input_channels, feat[0], kernel_size=7, stride=2, padding=3),
                                   nn.InstanceNorm2d(feat[0], affine=True))
@@ -168,12 +182,11 @@ class SwinUMamba(_SwinUMambaBase):
         self.decoder3 = UnetrUpBlock(feat[2], feat[1])
         self.decoder2 = UnetrUpBlock(feat[1], feat[0])
         self.decoder1 = _nest("layer", UnetResBlock(feat[0], feat[0]))
-        self.out_layers = nn.ModuleList([_nest("conv", _nest("conv", nn.Conv2d(feat[i], num_classes, 1)))
-                                         for i in range(4)])
-
-    @property
-    def decoder(self) -> "SwinUMamba":
-        return self
+        self.decoder = SwinUMambaHeads(feat[:4], num_classes, deep_supervision)
+        # DNA's hooks (nnssl / OpenMind fine-tuning): the conv stem and the first skip path read the image
+        self.key_to_encoder = "vssm_encoder"
+        self.key_to_stem = "stem"
+        self.keys_to_in_proj = ("stem.0", "encoder1.layer.conv1.conv", "encoder1.layer.conv3.conv")
 
     def _forward_padded(self, x: torch.Tensor) -> List[torch.Tensor]:
         stem = self.stem(x)
@@ -185,8 +198,8 @@ class SwinUMamba(_SwinUMambaBase):
         up4 = self.decoder4(up8, skip3)
         up2 = self.decoder3(up4, skip2)
         full = self.decoder1(self.decoder2(up2, skip1))
-        features = [full, up2, up4, up8] if self.deep_supervision else [full]
-        return [head(f) for head, f in zip(self.out_layers, features)]
+        features = [full, up2, up4, up8] if self.decoder.deep_supervision else [full]
+        return [head(f) for head, f in zip(self.decoder.seg_layers, features)]
 
 
 class MambaDecoder(nn.Module):
@@ -256,6 +269,9 @@ class SwinUMambaD(_SwinUMambaBase):
                                         drop_path_rate=drop_path_rate)
         self.decoder = MambaDecoder(num_classes, dims, deep_supervision, decoder_drop_path_rate, d_state)
         self.apply(InitWeights_He(1e-2))  # as the original: every convolution, the encoder's included
+        self.key_to_encoder = "vssm_encoder"  # DNA's hooks (nnssl / OpenMind fine-tuning)
+        self.key_to_stem = "vssm_encoder.patch_embed"
+        self.keys_to_in_proj = ("vssm_encoder.patch_embed.proj",)
 
     def _forward_padded(self, x: torch.Tensor) -> List[torch.Tensor]:
         return self.decoder(self.vssm_encoder(x))

@@ -19,6 +19,7 @@ from typing import List, Optional, Sequence, Type, Union
 
 import numpy as np
 import torch
+from dynamic_network_architectures.architectures.abstract_arch import AbstractDynamicNetworkArchitectures
 from torch import nn
 from torch.nn.modules.conv import _ConvNd
 
@@ -113,7 +114,7 @@ class UMambaDecoder(nn.Module):
         return outputs if self.deep_supervision else outputs[0]
 
 
-class UMamba(nn.Module):
+class UMamba(AbstractDynamicNetworkArchitectures):
     """U-Mamba with the Mamba layer(s) at the bottleneck (``placement='bottleneck'``) or in the encoder."""
 
     placement: str = "bottleneck"
@@ -172,6 +173,11 @@ class UMamba(nn.Module):
                                      last_stage_skip=(dim == 3) if last_stage_skip is None else last_stage_skip,
                                      **conv_kwargs)
         self.apply(self.initialize)
+        # DNA's hooks (nnssl / OpenMind fine-tuning): the stem's first residual block reads the image twice, in its
+        # first convolution and in its 1x1 projection of the skip
+        self.key_to_encoder = "encoder"
+        self.key_to_stem = "encoder.stem"
+        self.keys_to_in_proj = ("encoder.stem.0.conv1", "encoder.stem.0.conv3")
 
     def _check_input_size(self, dim: int) -> None:
         """Catch a patch size the plans' strides cannot take when the network is built, not at the first batch."""

@@ -83,6 +83,7 @@ from typing import List, Optional, Sequence, Tuple, Type, Union
 
 import torch
 import torch.nn.functional as F
+from dynamic_network_architectures.architectures.abstract_arch import AbstractDynamicNetworkArchitectures
 from timm.layers import lecun_normal_, trunc_normal_
 from torch import nn
 
@@ -281,7 +282,7 @@ class ViMUNetDecoder(nn.Module):
                   summary="ViM-UNet Small: Vision Mamba (dim 384) encoder + UNETR decoder (Archit & Pape 2024)")
 @register_network("vim_unet_tiny", dims=(2,), needs_input_size=True, embed_dim=192,
                   summary="ViM-UNet Tiny: Vision Mamba (dim 192) encoder + UNETR decoder (Archit & Pape 2024)")
-class ViMUNet(nn.Module):
+class ViMUNet(AbstractDynamicNetworkArchitectures):
     """ViM-UNet for 2D inputs (batch, input_channels, x, y); ``input_size`` is the patch size the position
     embedding is built for. ``depth`` and ``drop_path_rate`` default to the original's (24, Vim's 0.1);
     ``configuration`` picks the encoder's (:data:`VIM_CONFIGURATIONS`; ``"paper"``: the paper's)."""
@@ -313,6 +314,10 @@ class ViMUNet(nn.Module):
         grid = tuple(math.ceil(s / PATCH_SIZE) for s in self.input_size)
         self.encoder = ViMEncoder(input_channels, embed_dim, depth, grid, drop_path_rate, configuration)
         self.decoder = ViMUNetDecoder(embed_dim, num_classes, deep_supervision)
+        self.key_to_encoder = "encoder"  # DNA's hooks (nnssl / OpenMind fine-tuning)
+        self.key_to_stem = "encoder.patch_embed"
+        self.keys_to_in_proj = ("encoder.patch_embed.proj",)
+        self.key_to_lpe = "encoder.pos_embed"
 
     def check_input(self, x: torch.Tensor) -> None:
         if x.dim() != 4:

@@ -15,6 +15,7 @@ from .segresmamba import (nnUNetTrainerSegResMamba, nnUNetTrainerSegResMamba_nnU
                           nnUNetTrainerSegResMamba_demo)
 from .swin_umamba import (nnUNetTrainerSwinUMambaScratch, nnUNetTrainerSwinUMamba, nnUNetTrainerSwinUMambaDScratch,
                           nnUNetTrainerSwinUMambaD, nnUNetTrainerSwinUMamba_demo, nnUNetTrainerSwinUMambaD_demo,
+                          nnUNetTrainerSwinUMambaScratch_demo,
                           nnUNetTrainerSwinUMambaScratch_nnUNetRecipe, nnUNetTrainerSwinUMambaDScratch_nnUNetRecipe)
 from .swin_umamba import nnUNetTrainerSwinUMambaAdaptedLoading, nnUNetTrainerSwinUMambaDAdaptedLoading
 from .umamba import (nnUNetTrainerUMambaBot, nnUNetTrainerUMambaEnc, nnUNetTrainerUMambaBot_demo,
@@ -40,7 +41,8 @@ __all__ = ["ShortRunMixin", "nnUNetTrainerMamba", "plans_network_kwargs", "recip
            "nnUNetTrainerUMambaBot_demo", "nnUNetTrainerUMambaEnc_demo", "nnUNetTrainerViMUNetTiny",
            "nnUNetTrainerViMUNetSmall", "nnUNetTrainerViMUNetTiny_nnUNetRecipe",
            "nnUNetTrainerViMUNetSmall_nnUNetRecipe", "nnUNetTrainerViMUNetTiny_demo",
-           "nnUNetTrainerSwinUMambaAdaptedLoading", "nnUNetTrainerSwinUMambaDAdaptedLoading"]
+           "nnUNetTrainerSwinUMambaAdaptedLoading", "nnUNetTrainerSwinUMambaDAdaptedLoading",
+           "nnUNetTrainerSwinUMambaScratch_demo"]
 
 
 def list_trainers() -> list:

@@ -121,3 +121,10 @@ class nnUNetTrainerSwinUMambaScratch_nnUNetRecipe(nnUNetTrainerSwinUMambaScratch
 
 class nnUNetTrainerSwinUMambaDScratch_nnUNetRecipe(nnUNetTrainerSwinUMambaDScratch):
     recipe = recipes.NNUNET
+
+
+class nnUNetTrainerSwinUMambaScratch_demo(ShortRunMixin, nnUNetTrainerSwinUMambaScratch):
+    """A narrow, shallow Swin-UMamba from scratch (no ImageNet weights to fit): for fine-tuning smoke tests,
+    ``nnUNetv2_train ... -pretrained_weights``, on a CPU."""
+
+    network_overrides = {"depths": (1, 1, 1, 1), "embed_dim": 16, "stem_channels": 8}
