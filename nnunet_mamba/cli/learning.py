@@ -86,6 +86,9 @@ def add_parser(sub) -> None:
     p.add_argument("--out", help="write PREFIX.md, PREFIX.csv, PREFIX.png, PREFIX_dice_epochs.png "
                                  "(default: WORK/learning_benchmark)")
     p.add_argument("--json", help="also write the table and every run's numbers to this JSON file")
+    p.add_argument("--time-limit", type=float, metavar="SECONDS",
+                   help="start no run after this many seconds and stop the unfinished ones then; the table shows the "
+                        "finished runs and a rerun with the same --work trains the rest")
     p.add_argument("--tiny", action="store_true",
                    help="CPU scale: one trainer, 2D, small images, 2 short epochs (minutes)")
     p.set_defaults(func=run)
@@ -110,6 +113,9 @@ def _settings(args: argparse.Namespace) -> argparse.Namespace:
         errors.append("--device cuda: no CUDA device visible")
     if len(set(s.seeds)) != len(s.seeds):
         errors.append(f"--seeds must differ: {s.seeds}")
+    s.time_limit = getattr(args, "time_limit", None)
+    if s.time_limit is not None and s.time_limit <= 0:
+        errors.append("--time-limit must be positive")
     for key, low in (("epochs", 1), ("iterations", 1), ("val_iterations", 1), ("jobs", 1)):
         if getattr(s, key) < low:
             errors.append(f"--{key.replace('_', '-')} must be at least {low}")
@@ -211,7 +217,8 @@ def _runs(s: argparse.Namespace) -> List[Run]:
     schedule = f"e{s.epochs}_i{s.iterations}_v{s.val_iterations}"
     return [Run(dim, trainer, plans, seed, os.path.join(s.work, "results", f"{schedule}_seed{seed}"),
                 os.path.join(s.work, "logs", f"{dim}d_{trainer}_{plans}_{schedule}_seed{seed}.log"))
-            for dim in s.dims for trainer, plans in s.trainers[dim] for seed in s.seeds]
+            # seed-major: a run stopped by --time-limit leaves every trainer with its first seeds
+            for dim in s.dims for seed in s.seeds for trainer, plans in s.trainers[dim]]
 
 
 def _current_epoch(log: str) -> int:
@@ -230,6 +237,7 @@ def train(s: argparse.Namespace, runs: List[Run], env: Dict[str, str]) -> List[R
     from ..trainers.learning import EPOCHS_ENV, ITERATIONS_ENV, SEED_ENV, SUFFIX, VAL_ITERATIONS_ENV
 
     todo = [r for r in runs if not r.finished()]
+    deadline = None if s.time_limit is None else time.monotonic() + s.time_limit
     if len(todo) < len(runs):
         print(f"learning-benchmark: {len(runs) - len(todo)} of {len(runs)} runs already finished in {s.work}")
     running: Dict[Run, subprocess.Popen] = {}
@@ -238,6 +246,15 @@ def train(s: argparse.Namespace, runs: List[Run], env: Dict[str, str]) -> List[R
     workers = env.get("nnUNet_n_proc_DA", "2" if s.device == "cuda" else "0")
     with tqdm(total=len(todo), desc="training runs", unit="run", dynamic_ncols=True) as bar:
         while todo or running:
+            if deadline is not None and time.monotonic() > deadline:
+                for r, process in running.items():
+                    process.terminate()
+                    tqdm.write(f"learning-benchmark: --time-limit reached, stopped {r.dim}D {r.label} seed {r.seed}")
+                for process in running.values():
+                    process.wait()
+                print(f"learning-benchmark: --time-limit reached: {len(todo) + len(running)} run(s) not finished; "
+                      f"rerun with --work {s.work} to train them", file=sys.stderr)
+                break
             while todo and len(running) < s.jobs:
                 r = todo.pop(0)
                 run_env = {**env, "nnUNet_results": r.results_dir, "nnUNet_n_proc_DA": workers,
