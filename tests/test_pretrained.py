@@ -210,13 +210,10 @@ def test_missing_weights_name_the_download_command(tmp_path, monkeypatch):
 
 def test_weights_folder_env_var_and_defaults(good_file, tmp_path, monkeypatch):
     monkeypatch.delenv(WEIGHTS_DIR_ENV, raising=False)
-    # a source checkout (package beside a pretrained/ folder) uses that folder, whether or not it is installed
+    # the user cache, also for a source checkout (an editable install must not fill the checkout with weights)
     checkout = tmp_path / "checkout"
     (checkout / "pretrained").mkdir(parents=True)
     monkeypatch.setattr(pretrained, "__file__", str(checkout / "nnunet_mamba" / "pretrained.py"))
-    assert weights_path(NAME) == checkout / "pretrained" / SPEC.file_name
-    # an installed package (no pretrained/ beside it) uses the user cache
-    monkeypatch.setattr(pretrained, "__file__", str(tmp_path / "site-packages" / "nnunet_mamba" / "pretrained.py"))
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
     assert weights_path(NAME) == tmp_path / "home" / ".cache" / "nnunet_mamba" / SPEC.file_name
 
