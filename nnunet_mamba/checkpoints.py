@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import pickle
+import pickletools
 import re
 import sys
 from collections import OrderedDict
@@ -84,17 +85,34 @@ def _reason(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {own[0]}" if own else type(exc).__name__
 
 
+def _pickle_globals(path: PathLike) -> List[str]:
+    """Globals a plain pickle file imports, read from its opcodes without executing any (torch's restricted
+    unpickler stops at opcodes it does not know, e.g. protocol 4's STACK_GLOBAL, before naming the global)."""
+    found, strings = [], []
+    try:
+        with open(path, "rb") as f:
+            for opcode, arg, _ in pickletools.genops(f):
+                if opcode.name == "GLOBAL":
+                    found.append(str(arg).replace(" ", "."))
+                elif opcode.name == "STACK_GLOBAL" and len(strings) >= 2:
+                    found.append(f"{strings[-2]}.{strings[-1]}")
+                elif isinstance(arg, str):
+                    strings.append(arg)
+    except Exception:  # not a pickle, or a damaged one: what was read so far
+        pass
+    return [name for name in dict.fromkeys(found) if not name.startswith(("torch.", "collections.OrderedDict"))]
+
+
 def _unsafe_globals(path: PathLike, exc: BaseException) -> List[str]:
     """Globals in the file that ``weights_only`` refuses; empty if the file is no readable checkpoint."""
     # Old-format (non-zip) files: torch's scanner reads zip archives only, but its refusal names the global.
     named = re.findall(r"GLOBAL ([\w.]+)", str(exc))
     finder = getattr(torch.serialization, "get_unsafe_globals_in_checkpoint", None)  # torch >= 2.5
-    if finder is None:
-        return named or ["(torch < 2.5 cannot name them)"]
     try:
-        return list(finder(str(path))) or named
+        scanned = list(finder(str(path))) if finder is not None else []
     except Exception:  # not a zip archive, or a corrupt one: whatever the scanner raises
-        return named
+        scanned = []
+    return scanned or named or _pickle_globals(path)
 
 
 def load_checkpoint_file(path: PathLike, inert_globals: Sequence[str] = (), unsafe_reason: Optional[str] = None,

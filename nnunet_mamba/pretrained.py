@@ -202,10 +202,11 @@ def _install(final: Path, spec: PretrainedSpec, fetch: Callable[[Path], None], l
     tmp = Path(tmp_name)
     previous = None
     try:
-        try:
-            previous = signal.signal(signal.SIGTERM, _raise_interrupt)
-        except ValueError:  # not the main thread: signals stay as they are
-            pass
+        if signal.getsignal(signal.SIGTERM) == signal.SIG_DFL:  # a handler someone installed (our CLI's) stays
+            try:
+                previous = signal.signal(signal.SIGTERM, _raise_interrupt)
+            except ValueError:  # not the main thread: signals stay as they are
+                pass
         fetch(tmp)
         verify_checkpoint(tmp, spec, trust_pickle, label)
         os.chmod(tmp, 0o644)  # mkstemp makes it owner-only; weights are no secret
