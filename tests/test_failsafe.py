@@ -243,3 +243,10 @@ def test_demo_shows_progress_and_keeps_the_log_of_a_failed_step(tmp_path, capsys
     log = tmp_path / "demo_work" / "demo.log"
     assert f"full log (kept): {log}" in captured.err
     assert "noise" in log.read_text()
+
+
+def test_importing_the_networks_prints_no_timm_warning():
+    result = subprocess.run([sys.executable, "-W", "error::FutureWarning", "-c", "import nnunet_mamba.networks"],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert "FutureWarning" not in result.stderr
