@@ -11,11 +11,12 @@
 """
 from __future__ import annotations
 
+import os
 import pickle
+import pickletools
 import re
 import sys
 from collections import OrderedDict
-from contextlib import nullcontext
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
@@ -47,58 +48,108 @@ class _InertObject:
         return OrderedDict()
 
 
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return f"{type(exc).__name__}: {text.splitlines()[0] if text else ''}"
+TRUST_PICKLE_ENV = "NNUNET_MAMBA_TRUST_PICKLE"
+# How to opt in to full unpickling, for messages: the flag on our commands, the variable where no flag reaches
+# (nnUNetv2_train / nnUNetv2_predict building our trainers).
+TRUST_PICKLE_HINT = f"pass --trust-pickle (or set {TRUST_PICKLE_ENV}=1 for nnUNetv2_train / nnUNetv2_predict)"
 
 
-def _unsafe_globals(path: PathLike) -> List[str]:
-    """Globals in the file that ``weights_only`` refuses; empty if the file is no readable ``torch.save`` archive."""
-    finder = getattr(torch.serialization, "get_unsafe_globals_in_checkpoint", None)  # torch >= 2.5
-    if finder is None:
-        return ["(torch < 2.5 cannot name them)"]
+def trust_pickle_from_env() -> bool:
+    """``True`` if ``$NNUNET_MAMBA_TRUST_PICKLE`` opts in to full unpickling (``1``, ``true``, ``yes``)."""
+    return os.environ.get(TRUST_PICKLE_ENV, "").strip().lower() in ("1", "true", "yes")
+
+
+def trust_reason(trust_pickle: Optional[bool]) -> Optional[str]:
+    """Why full unpickling is allowed (for :func:`load_checkpoint_file`'s ``unsafe_reason``), or ``None``: an explicit
+    ``trust_pickle`` (the ``--trust-pickle`` flag) decides; ``None`` leaves it to ``$NNUNET_MAMBA_TRUST_PICKLE``."""
+    if trust_pickle:
+        return "--trust-pickle was given"
+    if trust_pickle is None and trust_pickle_from_env():
+        return f"{TRUST_PICKLE_ENV}=1 is set"
+    return None
+
+
+def _numpy_safe_globals() -> List[Any]:
+    """The numpy types nnU-Net's checkpoints hold (its training log keeps numpy scalars): reconstructing a scalar
+    from its dtype and raw bytes runs no code from the file, so these are safe under ``weights_only``."""
+    import numpy as np
+
+    core = getattr(np, "_core", None) or np.core  # numpy 2 renamed numpy.core
+    dtypes = [type(np.dtype(t)) for t in (np.float64, np.float32, np.float16, np.int64, np.int32, np.int16,
+                                          np.int8, np.uint8, np.bool_)]
+    return [core.multiarray.scalar, np.dtype, *dtypes]
+
+
+def _reason(exc: BaseException) -> str:
+    """The exception's own reason, without torch's advice to retry with ``weights_only=False``."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    own = [line for line in lines if "weights_only" not in line and "Weights only load failed" not in line
+           and "trusted source" not in line and "Check the documentation" not in line]
+    return f"{type(exc).__name__}: {own[0]}" if own else type(exc).__name__
+
+
+def _pickle_globals(path: PathLike) -> List[str]:
+    """Globals a plain pickle file imports, read from its opcodes without executing any (torch's restricted
+    unpickler stops at opcodes it does not know, e.g. protocol 4's STACK_GLOBAL, before naming the global)."""
+    found, strings = [], []
     try:
-        return list(finder(str(path)))
-    except (RuntimeError, OSError, ValueError, EOFError, pickle.UnpicklingError):
-        return []
+        with open(path, "rb") as f:
+            for opcode, arg, _ in pickletools.genops(f):
+                if opcode.name == "GLOBAL":
+                    found.append(str(arg).replace(" ", "."))
+                elif opcode.name == "STACK_GLOBAL" and len(strings) >= 2:
+                    found.append(f"{strings[-2]}.{strings[-1]}")
+                elif isinstance(arg, str):
+                    strings.append(arg)
+    except Exception:  # not a pickle, or a damaged one: what was read so far
+        pass
+    return [name for name in dict.fromkeys(found) if not name.startswith(("torch.", "collections.OrderedDict"))]
+
+
+def _unsafe_globals(path: PathLike, exc: BaseException) -> List[str]:
+    """Globals in the file that ``weights_only`` refuses; empty if the file is no readable checkpoint."""
+    # Old-format (non-zip) files: torch's scanner reads zip archives only, but its refusal names the global.
+    named = re.findall(r"GLOBAL ([\w.]+)", str(exc))
+    finder = getattr(torch.serialization, "get_unsafe_globals_in_checkpoint", None)  # torch >= 2.5
+    try:
+        scanned = list(finder(str(path))) if finder is not None else []
+    except Exception:  # not a zip archive, or a corrupt one: whatever the scanner raises
+        scanned = []
+    return scanned or named or _pickle_globals(path)
 
 
 def load_checkpoint_file(path: PathLike, inert_globals: Sequence[str] = (), unsafe_reason: Optional[str] = None,
                          label: Optional[str] = None) -> Any:
     """``torch.load(path)`` onto the CPU with ``weights_only=True``.
 
-    ``inert_globals`` names classes (``"module.Class"``) to load as plain dicts instead of refusing them. A file that
-    holds other Python objects is refused with :class:`UnsafeCheckpointError` unless ``unsafe_reason`` says why it
-    may be unpickled fully (``weights_only=False``, which can run code from the file); the reason is then printed.
-    Truncated or corrupt files raise :class:`CheckpointError`; a missing file raises ``FileNotFoundError``.
+    Tensors, plain containers and numpy scalars (as in nnU-Net's checkpoints) load that way. ``inert_globals`` names
+    classes (``"module.Class"``) to load as plain dicts instead of refusing them. A file that holds other Python
+    objects is refused with :class:`UnsafeCheckpointError` unless ``unsafe_reason`` says why it may be unpickled
+    fully (``weights_only=False``, which can run code from the file; the caller's explicit opt-in); the reason is
+    then printed. Truncated or corrupt files raise :class:`CheckpointError`; a missing file ``FileNotFoundError``.
     Messages do not name the file, except the printed note, which uses ``label`` (default: the path).
     """
-    safe_globals = getattr(torch.serialization, "safe_globals", None)  # torch >= 2.5
-    scope = safe_globals([(_InertObject, name) for name in inert_globals]) if safe_globals and inert_globals \
-        else nullcontext()
+    allowed = _numpy_safe_globals() + [(_InertObject, name) for name in inert_globals]
     try:
-        with scope:
+        with torch.serialization.safe_globals(allowed):
             return torch.load(path, map_location="cpu", weights_only=True)
-    except FileNotFoundError:
+    except (FileNotFoundError, IsADirectoryError, PermissionError):
         raise
-    except pickle.UnpicklingError as exc:
-        unsafe = _unsafe_globals(path)
+    except Exception as exc:  # the restricted unpickler runs no code from the file, so any failure means "bad file"
+        unsafe = _unsafe_globals(path, exc) if isinstance(exc, pickle.UnpicklingError) else []
         if not unsafe:
-            raise CheckpointError(f"not a readable PyTorch checkpoint (truncated or corrupt?): {_first_line(exc)}") \
+            raise CheckpointError(f"not a readable PyTorch checkpoint (truncated or corrupt?): {_reason(exc)}") \
                 from None
         if unsafe_reason is None:
             raise UnsafeCheckpointError(
                 f"holds pickled Python objects beyond tensors and plain containers ({', '.join(unsafe)}); "
                 "refusing to unpickle them, as that can run code from the file.", unsafe) from None
-    except (RuntimeError, OSError, EOFError, ValueError) as exc:
-        raise CheckpointError(f"not a readable PyTorch checkpoint (truncated or corrupt?): {_first_line(exc)}") \
-            from None
     print(f"note: {label or path} holds Python objects beyond tensors ({', '.join(unsafe)}); loading it with "
           f"weights_only=False because {unsafe_reason}", file=sys.stderr)
     try:
         return torch.load(path, map_location="cpu", weights_only=False)
     except Exception as exc:  # full unpickling can fail in any way the pickled objects' code chooses
-        raise CheckpointError(f"cannot be unpickled: {_first_line(exc)}") from exc
+        raise CheckpointError(f"cannot be unpickled: {_reason(exc)}") from exc
 
 
 def _listing(items: Sequence[str], limit: int) -> str:

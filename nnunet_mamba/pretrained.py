@@ -3,8 +3,10 @@
 A file only ever appears under its final name after it has been verified (fetched into a temporary file beside
 it, checked, then renamed), so a file found there is complete and has the expected layout.
 
-Folder: ``$NNUNET_MAMBA_WEIGHTS`` if set, else the ``pretrained/`` folder of a source checkout, else
-``~/.cache/nnunet_mamba``.
+Folder: ``$NNUNET_MAMBA_WEIGHTS`` if set, else ``~/.cache/nnunet_mamba`` (also for a source checkout, whose
+``pretrained/`` an editable install would otherwise fill with weights).
+
+Only the registry is imported at start-up (``nnunet-mamba --help`` lists its names); torch is imported on use.
 """
 from __future__ import annotations
 
@@ -14,16 +16,16 @@ import os
 import shlex
 import shutil
 import sys
+import signal
 import tempfile
 from dataclasses import dataclass
 from functools import lru_cache
 from importlib.resources import files
 from pathlib import Path
-from typing import Callable, Dict, List, Optional, Tuple, Union
+from typing import TYPE_CHECKING, Callable, Dict, List, Optional, Tuple, Union
 
-import torch
-
-from .checkpoints import CheckpointError, UnsafeCheckpointError, check_state_dict, load_checkpoint_file
+if TYPE_CHECKING:
+    import torch
 
 PathLike = Union[str, Path]
 WEIGHTS_DIR_ENV = "NNUNET_MAMBA_WEIGHTS"
@@ -100,12 +102,9 @@ register_pretrained(PretrainedSpec(
 
 
 def default_weights_dir() -> Path:
-    """``$NNUNET_MAMBA_WEIGHTS``, else the source checkout's ``pretrained/`` (if this is one), else the user cache."""
+    """``$NNUNET_MAMBA_WEIGHTS``, else the user cache ``~/.cache/nnunet_mamba``."""
     env = os.environ.get(WEIGHTS_DIR_ENV)
-    if env:
-        return Path(env).expanduser()
-    checkout = Path(__file__).resolve().parents[1] / "pretrained"
-    return checkout if checkout.is_dir() else Path.home() / ".cache" / "nnunet_mamba"
+    return Path(env).expanduser() if env else Path.home() / ".cache" / "nnunet_mamba"
 
 
 def weights_path(name: str, weights_dir: Optional[PathLike] = None) -> Path:
@@ -122,20 +121,23 @@ def file_sha256(path: PathLike) -> str:
     return digest.hexdigest()
 
 
-def verify_checkpoint(path: PathLike, spec: PretrainedSpec, trust_pickle: bool = False,
+def verify_checkpoint(path: PathLike, spec: PretrainedSpec, trust_pickle: Optional[bool] = None,
                       label: Optional[str] = None) -> Dict[str, torch.Tensor]:
     """Load ``path`` and return its ``spec.model_key`` state dict if that has exactly the expected keys and shapes.
 
     Other top-level entries are tolerated. The file is loaded with ``weights_only=True``; ``trust_pickle`` allows
-    full unpickling for files that hold other Python objects. Raises :class:`CheckpointError` (naming ``label``,
-    default the path) for truncated or corrupt files, non-dicts, foreign checkpoints and layout mismatches.
+    full unpickling for files that hold other Python objects (``None``: as ``$NNUNET_MAMBA_TRUST_PICKLE`` says).
+    Raises :class:`CheckpointError` (naming ``label``, default the path) for truncated or corrupt files, non-dicts,
+    foreign checkpoints and layout mismatches.
     """
+    from .checkpoints import (TRUST_PICKLE_HINT, CheckpointError, UnsafeCheckpointError, check_state_dict,
+                              load_checkpoint_file, trust_reason)
+
     label = label or str(path)
     try:
-        checkpoint = load_checkpoint_file(path, spec.inert_globals,
-                                          "--trust-pickle was given" if trust_pickle else None, label)
+        checkpoint = load_checkpoint_file(path, spec.inert_globals, trust_reason(trust_pickle), label)
     except UnsafeCheckpointError as exc:
-        raise CheckpointError(f"{label}: {exc} Pass --trust-pickle (trust_pickle=True) only if you trust its "
+        raise CheckpointError(f"{label}: {exc} To load it anyway, {TRUST_PICKLE_HINT}, only if you trust its "
                               "source.") from None
     except CheckpointError as exc:
         raise CheckpointError(f"{label}: {exc}") from None
@@ -153,46 +155,115 @@ def verify_checkpoint(path: PathLike, spec: PretrainedSpec, trust_pickle: bool =
     return state_dict
 
 
+PARTIAL_SUFFIX = ".partial"
+
+
+def _partial_prefix(final: Path) -> str:
+    return f".{final.name}."
+
+
+def remove_stale_partials(final: Path) -> List[Path]:
+    """Delete temporary files of ``final`` left by an install that was killed (SIGKILL, power loss): those whose
+    process (its pid is in the name) is gone. Returns what was removed."""
+    removed = []
+    for path in final.parent.glob(f"{_partial_prefix(final)}*{PARTIAL_SUFFIX}"):
+        pid = path.name[len(_partial_prefix(final)):].split(".", 1)[0]
+        if pid.isdigit() and _process_alive(int(pid)):
+            continue  # another install is writing it right now
+        path.unlink(missing_ok=True)
+        removed.append(path)
+    return removed
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
+
+
+def _raise_interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
 def _install(final: Path, spec: PretrainedSpec, fetch: Callable[[Path], None], label: str,
-             trust_pickle: bool) -> Path:
+             trust_pickle: Optional[bool]) -> Path:
     """``fetch`` into a temporary file beside ``final``, verify it, then rename it to ``final`` (atomic within one
-    file system), so ``final`` never holds a partial or unverified file, even if this is interrupted."""
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{final.name}.", suffix=".partial", dir=final.parent)
+    file system), so ``final`` never holds a partial or unverified file. SIGTERM (SLURM, ``docker stop``, ``kill``)
+    is turned into an interrupt while this runs, so the temporary file is removed then too; one left by SIGKILL is
+    removed by the next install (:func:`remove_stale_partials`)."""
+    remove_stale_partials(final)
+    fd, tmp_name = tempfile.mkstemp(prefix=f"{_partial_prefix(final)}{os.getpid()}.", suffix=PARTIAL_SUFFIX,
+                                    dir=final.parent)
     os.close(fd)
     tmp = Path(tmp_name)
+    previous = None
     try:
+        if signal.getsignal(signal.SIGTERM) == signal.SIG_DFL:  # a handler someone installed (our CLI's) stays
+            try:
+                previous = signal.signal(signal.SIGTERM, _raise_interrupt)
+            except ValueError:  # not the main thread: signals stay as they are
+                pass
         fetch(tmp)
         verify_checkpoint(tmp, spec, trust_pickle, label)
         os.chmod(tmp, 0o644)  # mkstemp makes it owner-only; weights are no secret
         os.replace(tmp, final)
     finally:
         tmp.unlink(missing_ok=True)
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
     return final
 
 
 def download_weights(name: str, force: bool = False, from_file: Optional[PathLike] = None, progress: bool = True,
-                     weights_dir: Optional[PathLike] = None, trust_pickle: bool = False) -> Path:
+                     weights_dir: Optional[PathLike] = None, trust_pickle: Optional[bool] = None) -> Path:
     """Fetch the weights ``name`` into the weights folder and return their path.
 
     Tries each URL in turn (``from_file``: copies that local file instead, for machines without internet); the
     result is verified (sha256 when pinned, keys and shapes always) before it takes its final name. An existing
-    file is verified and kept unless ``force``. Raises :class:`CheckpointError` for a bad existing or local file,
-    :class:`DownloadError` when no URL gave a good file.
+    file is verified and kept unless ``force`` (with ``from_file``: only if it is the same file, byte for byte).
+    Raises :class:`CheckpointError` for a bad existing or local file, :class:`DownloadError` when no URL gave a good
+    file. A weights folder this call created is removed again if nothing was installed.
     """
+    from .checkpoints import CheckpointError
+
     spec = get_pretrained_spec(name)
     final = weights_path(name, weights_dir)
+    source = Path(from_file).expanduser() if from_file is not None else None
+    if source is not None and not source.is_file():
+        raise FileNotFoundError(f"--from-file {source}: no such file")
     if final.exists() and not force:
+        if source is not None and file_sha256(source) != file_sha256(final):
+            raise CheckpointError(f"{final} is already installed and differs from --from-file {source}; "
+                                  "add --force to replace it with that file")
         try:
             verify_checkpoint(final, spec, trust_pickle)
         except CheckpointError as exc:
             raise CheckpointError(f"{exc}\nthe existing file is bad; replace it with --force (force=True)") from None
         return final
+    created = [p for p in (final.parent, *final.parent.parents) if not p.exists()]
     final.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        return _fetch_and_install(name, spec, final, source, progress, trust_pickle)
+    finally:
+        if not final.exists():
+            for folder in created:  # innermost first; only folders this call made, and only if empty
+                try:
+                    folder.rmdir()
+                except OSError:
+                    break
 
-    if from_file is not None:
-        source = Path(from_file).expanduser()
-        if not source.is_file():
-            raise FileNotFoundError(f"--from-file {source}: no such file")
+
+def _fetch_and_install(name: str, spec: PretrainedSpec, final: Path, source: Optional[Path], progress: bool,
+                       trust_pickle: Optional[bool]) -> Path:
+    import torch
+
+    from .checkpoints import CheckpointError
+
+    if source is not None:
 
         def copy(tmp: Path) -> None:
             shutil.copyfile(source, tmp)
@@ -218,9 +289,10 @@ def download_weights(name: str, force: bool = False, from_file: Optional[PathLik
 
 
 def load_pretrained_state_dict(name: str, weights_dir: Optional[PathLike] = None,
-                               trust_pickle: bool = False) -> Dict[str, torch.Tensor]:
+                               trust_pickle: Optional[bool] = None) -> Dict[str, torch.Tensor]:
     """The verified state dict of the pretrained weights ``name``; ``FileNotFoundError`` (saying how to get them)
-    if they have not been downloaded."""
+    if they have not been downloaded. ``trust_pickle=None`` follows ``$NNUNET_MAMBA_TRUST_PICKLE``: a file installed
+    with ``--trust-pickle`` loads in ``nnUNetv2_train`` with ``NNUNET_MAMBA_TRUST_PICKLE=1``."""
     spec = get_pretrained_spec(name)
     path = weights_path(name, weights_dir)
     if not path.is_file():
@@ -232,6 +304,5 @@ def load_pretrained_state_dict(name: str, weights_dir: Optional[PathLike] = None
             f"    {command}\n"
             f"or, on a machine without internet, fetch {spec.urls[0]} elsewhere, copy it here and run\n"
             f"    {command} --from-file PATH\n"
-            f"(the weights folder is ${WEIGHTS_DIR_ENV} if set, else the source checkout's pretrained/, "
-            f"else ~/.cache/nnunet_mamba)")
+            f"(the weights folder is ${WEIGHTS_DIR_ENV} if set, else ~/.cache/nnunet_mamba)")
     return verify_checkpoint(path, spec, trust_pickle)

@@ -210,13 +210,10 @@ def test_missing_weights_name_the_download_command(tmp_path, monkeypatch):
 
 def test_weights_folder_env_var_and_defaults(good_file, tmp_path, monkeypatch):
     monkeypatch.delenv(WEIGHTS_DIR_ENV, raising=False)
-    # a source checkout (package beside a pretrained/ folder) uses that folder, whether or not it is installed
+    # the user cache, also for a source checkout (an editable install must not fill the checkout with weights)
     checkout = tmp_path / "checkout"
     (checkout / "pretrained").mkdir(parents=True)
     monkeypatch.setattr(pretrained, "__file__", str(checkout / "nnunet_mamba" / "pretrained.py"))
-    assert weights_path(NAME) == checkout / "pretrained" / SPEC.file_name
-    # an installed package (no pretrained/ beside it) uses the user cache
-    monkeypatch.setattr(pretrained, "__file__", str(tmp_path / "site-packages" / "nnunet_mamba" / "pretrained.py"))
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
     assert weights_path(NAME) == tmp_path / "home" / ".cache" / "nnunet_mamba" / SPEC.file_name
 
@@ -240,3 +237,56 @@ def test_standalone_script(good_file, tmp_path):
                              "--from-file", str(tmp_path / "nope.pth"), "--force"], env=env, capture_output=True,
                             text=True, timeout=120)
     assert result.returncode == 1 and "no such file" in result.stderr
+
+
+def test_trusted_install_loads_in_the_trainer_route_with_the_env_var(state_dict, tmp_path, monkeypatch, capsys):
+    """A file installed with --trust-pickle: nnUNetv2_train cannot take the flag, so the variable opts in there."""
+    monkeypatch.delenv("NNUNET_MAMBA_TRUST_PICKLE", raising=False)
+    path = save_checkpoint(tmp_path / "args.pth", state_dict, args=argparse.Namespace(lr=1e-3))
+    assert cli(NAME, "--from-file", str(path), "--dir", str(tmp_path / "w"), "--trust-pickle") == 0
+    with pytest.raises(CheckpointError, match="NNUNET_MAMBA_TRUST_PICKLE=1 for nnUNetv2_train"):
+        load_pretrained_state_dict(NAME, tmp_path / "w")  # what the Swin-UMamba trainers call
+    monkeypatch.setenv("NNUNET_MAMBA_TRUST_PICKLE", "1")
+    assert len(load_pretrained_state_dict(NAME, tmp_path / "w")) == 212
+    assert "because NNUNET_MAMBA_TRUST_PICKLE=1 is set" in capsys.readouterr().err
+
+
+def test_from_file_is_compared_with_an_installed_file(good_file, state_dict, tmp_path, capsys):
+    folder = tmp_path / "w"
+    assert cli(NAME, "--from-file", str(good_file), "--dir", str(folder)) == 0
+    assert cli(NAME, "--from-file", str(good_file), "--dir", str(folder)) == 0  # the same file: nothing to do
+    other = save_checkpoint(tmp_path / "other.pth", state_dict, epoch=1)
+    capsys.readouterr()
+    assert cli(NAME, "--from-file", str(other), "--dir", str(folder)) == 1
+    err = capsys.readouterr().err
+    assert "differs from --from-file" in err and "--force" in err
+    assert sha256(folder / SPEC.file_name) == sha256(good_file)
+    assert cli(NAME, "--from-file", str(other), "--dir", str(folder), "--force") == 0
+    assert sha256(folder / SPEC.file_name) == sha256(other)
+
+
+@pytest.mark.parametrize("seed", [13, 22, 3, 5])  # torch's restricted unpickler: IndexError, KeyError, Unicode...
+def test_random_bytes_are_refused_cleanly(seed, tmp_path, capsys):
+    source = tmp_path / "random.pth"
+    source.write_bytes(np_bytes(seed))
+    assert cli(NAME, "--from-file", str(source), "--dir", str(tmp_path / "new" / "w")) == 1
+    err = capsys.readouterr().err
+    assert "not a readable PyTorch checkpoint (truncated or corrupt?)" in err and "weights_only" not in err
+    assert not (tmp_path / "new").exists()  # the folders this install created are gone again
+
+
+def np_bytes(seed: int) -> bytes:
+    import numpy as np
+
+    return np.random.RandomState(seed).bytes(1000)
+
+
+def test_stale_partial_files_are_removed_by_the_next_install(good_file, tmp_path):
+    folder = tmp_path / "w"
+    folder.mkdir()
+    dead = folder / f".{SPEC.file_name}.999999999.abc.partial"  # a pid no process has (above pid_max)
+    dead.write_bytes(b"x" * 100)
+    alive = folder / f".{SPEC.file_name}.{os.getpid()}.abc.partial"  # a running install's: kept
+    alive.write_bytes(b"x")
+    assert cli(NAME, "--from-file", str(good_file), "--dir", str(folder)) == 0
+    assert not dead.exists() and alive.exists()

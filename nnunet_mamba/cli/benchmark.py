@@ -236,7 +236,8 @@ def add_parser(sub) -> None:
     p.add_argument("--repeats", type=int, default=1,
                    help="measure the list this many times, networks interleaved, and report medians: GPU clocks "
                         "drift by 20%% within minutes, so ratios from one pass can mislead (default: %(default)s)")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                   help="torch device to measure on, e.g. cuda, cuda:1 or cpu (default: %(default)s)")
     p.add_argument("--compile", action="store_true", help="torch.compile each network")
     p.add_argument("--profile", action="store_true",
                    help="also profile each network's step: milliseconds per step by kernel category (scan, matmul, "
@@ -432,7 +433,7 @@ def run(args: argparse.Namespace) -> int:
     header = (f"device: {where} | plan: patch {plan['patch_size']}, batch {batch}, {args.classes} classes | "
               f"{'fp16 autocast' if device.type == 'cuda' else 'fp32'}{', compiled' if args.compile else ''}"
               f"{f' | median of {args.repeats} interleaved passes' if args.repeats > 1 else ''}")
-    print(header)
+    print(header, flush=True)
     # the ResEnc presets train at the batch their planners choose for this patch (unless --batch says otherwise)
     batches = {name: args.batch or resenc_batch_size(name, network_kwargs(name, plan), plan["patch_size"], 1,
                                                      args.classes) if name in RESENC_PRESETS else batch
@@ -441,11 +442,18 @@ def run(args: argparse.Namespace) -> int:
         if batches[name] != batch:
             print(f"{name}: batch {batches[name]} (nnU-Net's {RESENC_PRESETS[name].plans_name} planner for this patch)")
     passes = []
-    for _ in tqdm(range(args.repeats), desc="passes", disable=args.repeats == 1):
+    for number in tqdm(range(args.repeats), desc="passes", disable=args.repeats == 1):
         passes.append([])
         for name in names:
+            # each row as soon as it is measured (the table follows at the end), so a long or interrupted run
+            # shows what it has done
+            print(f"measuring {name} ({args.warmup} warm-up + {args.steps} timed steps) ...", end=" ", flush=True)
             passes[-1].append(measure(name, plan, batches[name], args.classes, device, args.steps, args.warmup,
                                       args.compile, args.profile))
+            row = passes[-1][-1]
+            shown = [f"{dict(COLUMNS)[k]} {_format(k, row[k])}" for k in ("params", "step_ms", "peak_gib", "infer_ms")
+                     if k in row]
+            print(", ".join(shown) + (f" (pass {number + 1}/{args.repeats})" if args.repeats > 1 else ""), flush=True)
             if device.type == "cuda":
                 torch.cuda.empty_cache()  # the previous network is gone; start the next from a clean pool
     rows = _median_rows(passes)

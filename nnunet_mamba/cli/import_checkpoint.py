@@ -27,7 +27,8 @@ from typing import Any, Dict, Optional, Tuple
 
 import torch
 
-from ..checkpoints import CheckpointError, check_state_dict, convert_checkpoint, load_checkpoint_file
+from ..checkpoints import (TRUST_PICKLE_ENV, TRUST_PICKLE_HINT, CheckpointError, UnsafeCheckpointError,
+                           check_state_dict, convert_checkpoint, load_checkpoint_file, trust_reason)
 
 COMMAND = "import-checkpoint"
 DESCRIPTION = ("Convert a model trained with the original U-Mamba or Swin-UMamba repositories into one that "
@@ -35,8 +36,8 @@ DESCRIPTION = ("Convert a model trained with the original U-Mamba or Swin-UMamba
                "($nnUNet_results/DatasetXXX_Name), which receives <trainer>__<plans>__<configuration>/. Checkpoints "
                "are converted and checked against our network; other files are copied unchanged; the source is only "
                "read. A single checkpoint file SRC is converted into the file DST.")
-# nnU-Net itself loads its checkpoints with weights_only=False (their training logs hold numpy scalars).
-_UNSAFE_REASON = "nnU-Net loads its checkpoints that way too (import only models you trust)"
+# nnU-Net's checkpoints (tensors, plain containers, numpy scalars in the training log) load with weights_only=True;
+# anything else is only unpickled on the user's explicit opt-in.
 
 
 def expected_network_shapes(trainer_name: str, plans: dict, dataset_json: dict,
@@ -66,10 +67,13 @@ def expected_network_shapes(trainer_name: str, plans: dict, dataset_json: dict,
     return {key: tuple(value.shape) for key, value in network.state_dict().items()}
 
 
-def _load_and_convert(path: Path, trainer_name: Optional[str]) -> Dict[str, Any]:
+def _load_and_convert(path: Path, trainer_name: Optional[str], trust_pickle: Optional[bool] = None) -> Dict[str, Any]:
     try:
-        return convert_checkpoint(load_checkpoint_file(path, unsafe_reason=_UNSAFE_REASON, label=str(path)),
-                                  trainer_name)
+        return convert_checkpoint(load_checkpoint_file(path, unsafe_reason=trust_reason(trust_pickle),
+                                                       label=str(path)), trainer_name)
+    except UnsafeCheckpointError as exc:
+        raise CheckpointError(f"{path}: {exc} To import it anyway, {TRUST_PICKLE_HINT}, only if you trust its "
+                              "source.") from None
     except CheckpointError as exc:
         raise CheckpointError(f"{path}: {exc}") from None
 
@@ -82,7 +86,7 @@ def _refuse_to_touch_source(src: Path, dst: Path) -> None:
 
 
 def import_model_folder(src: Path, results_dir: Path, trainer_name: Optional[str] = None,
-                        force: bool = False) -> Path:
+                        force: bool = False, trust_pickle: Optional[bool] = None) -> Path:
     """Convert the model folder ``src`` into ``results_dir/<trainer>__<plans>__<configuration>/``; return that."""
     plans_file, dataset_file = src / "plans.json", src / "dataset.json"
     for required in (plans_file, dataset_file):
@@ -94,7 +98,7 @@ def import_model_folder(src: Path, results_dir: Path, trainer_name: Optional[str
     plans = json.loads(plans_file.read_text())
     dataset_json = json.loads(dataset_file.read_text())
 
-    first = _load_and_convert(checkpoints[0], trainer_name)
+    first = _load_and_convert(checkpoints[0], trainer_name, trust_pickle)
     trainer, configuration = first["trainer_name"], first["init_args"].get("configuration")
     if not configuration:
         raise CheckpointError(f"{checkpoints[0]}: init_args names no configuration")
@@ -118,7 +122,7 @@ def import_model_folder(src: Path, results_dir: Path, trainer_name: Optional[str
         pending = {checkpoints[0]: first}  # converted already; the others are loaded one at a time
         del first
         for path in checkpoints:
-            converted = pending.pop(path, None) or _load_and_convert(path, trainer_name)
+            converted = pending.pop(path, None) or _load_and_convert(path, trainer_name, trust_pickle)
             found = (converted["trainer_name"], converted["init_args"].get("configuration"))
             if found != (trainer, configuration):
                 raise CheckpointError(f"{path}: trainer and configuration {found} differ from those of "
@@ -150,14 +154,15 @@ def _move_into_place(tmp: Path, final: Path) -> None:
             shutil.rmtree(old)
 
 
-def import_checkpoint_file(src: Path, dst: Path, trainer_name: Optional[str] = None, force: bool = False) -> Path:
+def import_checkpoint_file(src: Path, dst: Path, trainer_name: Optional[str] = None, force: bool = False,
+                           trust_pickle: Optional[bool] = None) -> Path:
     """Convert the checkpoint file ``src`` into ``dst`` (a file, or a folder to put it in under the same name)."""
     if dst.is_dir():
         dst = dst / src.name
     _refuse_to_touch_source(src, dst)
     if dst.exists() and not force:
         raise CheckpointError(f"{dst} already exists; pass --force to replace it")
-    converted = _load_and_convert(src, trainer_name)
+    converted = _load_and_convert(src, trainer_name, trust_pickle)
     init_args = converted["init_args"]
     for key in ("plans", "dataset_json", "configuration"):
         if key not in init_args:
@@ -190,15 +195,20 @@ def add_parser(sub) -> None:
                    help="store this trainer name instead of the default (the original name; "
                         "nnUNetTrainerUMambaEncNoAMP becomes nnUNetTrainerUMambaEnc)")
     p.add_argument("--force", action="store_true", help="replace the destination if it exists")
+    p.add_argument("--trust-pickle", action="store_true",
+                   help="also accept checkpoints holding pickled Python objects beyond tensors, plain containers "
+                        "and numpy scalars (loaded with weights_only=False, which can run code from the file): only "
+                        f"for sources you trust; {TRUST_PICKLE_ENV}=1 does the same")
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
+    trust = True if args.trust_pickle else None  # without the flag, NNUNET_MAMBA_TRUST_PICKLE decides
     try:
         if args.src.is_dir():
-            result = import_model_folder(args.src, args.dst, args.trainer, args.force)
+            result = import_model_folder(args.src, args.dst, args.trainer, args.force, trust)
         elif args.src.is_file():
-            result = import_checkpoint_file(args.src, args.dst, args.trainer, args.force)
+            result = import_checkpoint_file(args.src, args.dst, args.trainer, args.force, trust)
         else:
             raise FileNotFoundError(f"{args.src}: no such model folder or checkpoint file")
     except (CheckpointError, OSError, json.JSONDecodeError) as exc:

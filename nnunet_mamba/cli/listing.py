@@ -3,8 +3,6 @@ from __future__ import annotations
 
 import argparse
 
-from ..networks import get_network_spec, list_networks
-
 
 def add_parser(sub) -> None:
     p = sub.add_parser("list", help="list networks and nnU-Net trainers")
@@ -12,11 +10,15 @@ def add_parser(sub) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from ..networks import get_network_spec, list_networks
+    from .environment import ext_trainer_hint
+
     print("networks (nnunet_mamba.create_network):")
+    width = max(map(len, list_networks()))
     for name in list_networks():
         spec = get_network_spec(name)
         dims = "/".join(f"{d}D" for d in spec.dims)
-        print(f"  {name:<16} {dims:<6} {spec.summary}")
+        print(f"  {name:<{width}} {dims:<6} {spec.summary}")
     try:
         from ..trainers import list_trainers
     except ImportError as exc:
@@ -25,4 +27,7 @@ def run(args: argparse.Namespace) -> int:
     print("trainers (nnUNetv2_train ... -tr NAME; needs nnUNet_extTrainer, see `nnunet-mamba env`):")
     for name in list_trainers():
         print(f"  {name}")
+    hint = ext_trainer_hint()
+    if hint:
+        print(f"note: {hint}")
     return 0

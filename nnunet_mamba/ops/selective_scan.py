@@ -137,7 +137,8 @@ def requested_backend() -> str:
     """The backend asked for by ``NNUNET_MAMBA_BACKEND`` (``auto`` when unset)."""
     value = os.environ.get(BACKEND_ENV, "auto").strip().lower() or "auto"
     if value not in BACKENDS:
-        raise ValueError(f"{BACKEND_ENV}={value!r} is not one of {', '.join(BACKENDS)}")
+        raise ValueError(f"{BACKEND_ENV}={value!r} is not one of {', '.join(BACKENDS)}: set one of them, or unset "
+                         f"{BACKEND_ENV} for auto")
     return value
 
 

@@ -36,6 +36,25 @@ def plans_network_kwargs(network_name: str, configuration_manager: Configuration
                        configuration_manager.network_arch_class_name)
 
 
+def refuse_nan_input(module: nn.Module, args: tuple) -> None:
+    """Forward pre-hook: in inference (eval mode), refuse inputs holding NaN with a message naming the fix.
+
+    Refused rather than replaced: nnU-Net's normalisation keeps NaN voxels, and a selective scan carries one NaN
+    through its whole sequence (one NaN pixel turns every output of U-Mamba Bot to NaN), so such an image would
+    give a meaningless segmentation and exit 0; which value should replace NaN (background, 0, the minimum) depends
+    on the images, so the user decides. Training data is checked by nnU-Net itself (``nnUNetv2_plan_and_preprocess
+    --verify_dataset_integrity`` reports NaN images), so training steps are not checked here.
+    """
+    if module.training or not args or not isinstance(args[0], torch.Tensor):
+        return
+    x = args[0]
+    if torch.isnan(x).any():
+        raise ValueError(f"nnunet-mamba: the network input holds {int(torch.isnan(x).sum())} NaN values (of "
+                         f"{x.numel()}): the image has NaN voxels, which nnU-Net's normalisation keeps and the Mamba "
+                         "scan would spread over the whole prediction. Replace them in the image (e.g. "
+                         "numpy.nan_to_num, or the background value) and predict again.")
+
+
 class nnUNetTrainerMamba(nnUNetTrainer):
     """Base class of our trainers; subclasses set ``network_name`` (a name in :func:`nnunet_mamba.list_networks`)."""
 
@@ -70,8 +89,16 @@ class nnUNetTrainerMamba(nnUNetTrainer):
         kwargs = {**plans_network_kwargs(cls.network_name, configuration_manager), **cls.network_overrides}
         if cls.plans_width_divisor > 1 and "features_per_stage" in kwargs:
             kwargs["features_per_stage"] = [max(4, f // cls.plans_width_divisor) for f in kwargs["features_per_stage"]]
-        return create_network(cls.network_name, input_channels=num_input_channels, num_classes=num_output_channels,
-                              deep_supervision=enable_deep_supervision, **kwargs)
+        network = create_network(cls.network_name, input_channels=num_input_channels, num_classes=num_output_channels,
+                                 deep_supervision=enable_deep_supervision, **kwargs)
+        check = getattr(network, "check_input", None)
+        if check is not None:
+            # The network's own shape check on the plans' patch (an empty meta tensor): a patch it cannot train on
+            # then stops nnUNetv2_train here, before nnU-Net starts its data-loader workers, whose EOFError would
+            # otherwise be the last line printed.
+            check(torch.empty((1, num_input_channels, *configuration_manager.patch_size), device="meta"))
+        network.register_forward_pre_hook(refuse_nan_input)
+        return network
 
     def _get_deep_supervision_scales(self):
         # Networks whose outputs do not follow the plans' pooling (transformer/Mamba encoders) declare their

@@ -65,7 +65,11 @@ class nnUNetTrainerSwinUMambaScratch(nnUNetTrainerMamba):
             # raises FileNotFoundError naming `nnunet-mamba download-weights ...` when the file is missing
             state_dict = load_pretrained_state_dict(self.pretrained_weights)
             report = load_vmamba_encoder(self.unwrapped_network, state_dict, faithful=self.faithful_loading)
-            self.print_to_log_file(f"nnunet-mamba: {self.pretrained_weights} ImageNet weights: {report}")
+            # counts only: the report's key lists run to hundreds of names
+            self.print_to_log_file(
+                f"nnunet-mamba: {self.pretrained_weights} ImageNet weights: {len(report.loaded)} tensors loaded "
+                f"({len(report.adapted)} adapted to the input channels), {len(report.skipped)} skipped, "
+                f"{len(report.unexpected)} unexpected, {len(report.missing)} encoder tensors not in the checkpoint")
 
     def configure_optimizers(self):
         optimizer, scheduler = super().configure_optimizers()
