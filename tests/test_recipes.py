@@ -203,7 +203,7 @@ def test_plateau_state_survives_a_checkpoint_resume(nnunet_dirs):
 
 def test_the_recipe_is_in_the_training_log(nnunet_dirs):
     torch.set_num_threads(1)
-    trainer = build_trainer(trainers.nnUNetTrainerSegResMamba, (32, 32, 32), {"encoder_width": 4, "decoder_width": 8})
+    trainer = build_trainer(trainers.nnUNetTrainerSegResMamba, (48, 32, 32), {"encoder_width": 4, "decoder_width": 8})
     with open(trainer.log_file) as f:
         log = f.read()
     assert log.count("recipe SegResMamba: Adam(lr 0.0001") == 1 and "badhandas/SegResMamba brats_train.py" in log

@@ -22,7 +22,14 @@ def trainer_shim_dir() -> str:
     """Folder to put on ``nnUNet_extTrainer``: the installed copy of the top-level ``nnUNet_trainers/``."""
     # located without importing it: its __init__ imports our trainers, hence torch and nnU-Net
     spec = importlib.util.find_spec("nnunet_mamba.nnUNet_trainers")
-    return os.path.abspath(list(spec.submodule_search_locations)[0])
+    if spec is not None:
+        return os.path.abspath(list(spec.submodule_search_locations)[0])
+    # the package imported from a source tree (e.g. `python -c` in the checkout), where the folder sits beside it
+    package = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    checkout = os.path.join(os.path.dirname(package), "nnUNet_trainers")
+    if os.path.isfile(os.path.join(checkout, "nnunet_mamba_trainers.py")):
+        return checkout
+    raise FileNotFoundError("nnunet_mamba.nnUNet_trainers is not installed: reinstall the package (pip install .)")
 
 
 def ext_trainer_value(current: Optional[str] = None) -> str:
