@@ -87,8 +87,9 @@ def add_parser(sub) -> None:
                                  "(default: WORK/learning_benchmark)")
     p.add_argument("--json", help="also write the table and every run's numbers to this JSON file")
     p.add_argument("--time-limit", type=float, metavar="SECONDS",
-                   help="start no run after this many seconds and stop the unfinished ones then; the table shows the "
-                        "finished runs and a rerun with the same --work trains the rest")
+                   help="SECONDS after the command starts (data and preprocessing included), start no run and stop "
+                        "the unfinished ones; the table shows the finished runs and a rerun with the same --work "
+                        "trains the rest")
     p.add_argument("--tiny", action="store_true",
                    help="CPU scale: one trainer, 2D, small images, 2 short epochs (minutes)")
     p.set_defaults(func=run)
@@ -98,6 +99,7 @@ def _settings(args: argparse.Namespace) -> argparse.Namespace:
     """The arguments with defaults filled in (--tiny's where given), validated before any work."""
     base = {**DEFAULTS, **TINY} if args.tiny else DEFAULTS
     s = argparse.Namespace(**vars(args))
+    s.started = time.monotonic()  # --time-limit counts from here
     for key in ("dims", "seeds", "epochs", "iterations", "val_iterations", "work"):
         if getattr(s, key) is None:
             setattr(s, key, base[key])
@@ -237,7 +239,7 @@ def train(s: argparse.Namespace, runs: List[Run], env: Dict[str, str]) -> List[R
     from ..trainers.learning import EPOCHS_ENV, ITERATIONS_ENV, SEED_ENV, SUFFIX, VAL_ITERATIONS_ENV
 
     todo = [r for r in runs if not r.finished()]
-    deadline = None if s.time_limit is None else time.monotonic() + s.time_limit
+    deadline = None if s.time_limit is None else s.started + s.time_limit
     if len(todo) < len(runs):
         print(f"learning-benchmark: {len(runs) - len(todo)} of {len(runs)} runs already finished in {s.work}")
     running: Dict[Run, subprocess.Popen] = {}
