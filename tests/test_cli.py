@@ -175,7 +175,7 @@ def test_resenc_presets_batch_is_what_their_planners_choose():
     """nnU-Net's formula (ExperimentPlanner.get_plans_for_configuration) with the M / L reference values, for the
     3D preset's layout and patch: M keeps nnU-Net's default batch of 2, L's 24 GB target triples it."""
     from nnunet_mamba.cli.benchmark import PRESETS, network_kwargs
-    from nnunet_mamba.planning import resenc_batch_size
+    from nnunet_mamba.planning.baselines import resenc_batch_size
     plan = PRESETS["3d_128"]
     assert [resenc_batch_size(n, network_kwargs(n, plan), plan["patch_size"], 1, 14)
             for n in ("resenc_m", "resenc_l")] == [2, 7]

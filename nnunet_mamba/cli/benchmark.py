@@ -25,8 +25,8 @@ from tqdm import tqdm
 from ..networks import get_network_spec, list_networks, plan_kwargs, resolve_plan_imports
 from ..ops import resolve_backend
 from ..ops.flops import register_scan_flops
-from ..planning import (BASELINES, RESENC_PRESETS, baseline_kwargs, build_network, estimate_training_memory_gib,
-                        resenc_batch_size, training_loss)
+from ..planning.baselines import BASELINES, RESENC_PRESETS, baseline_kwargs, resenc_batch_size
+from ..planning.memory import build_network, estimate_training_memory_gib, training_loss
 
 
 def _stages(dim: int, n_stages: int, features: List[int]) -> dict:

@@ -27,7 +27,7 @@ def run(args: argparse.Namespace) -> int:
     from nnunetv2.paths import nnUNet_preprocessed
     from nnunetv2.utilities.dataset_name_id_conversion import maybe_convert_to_dataset_name
 
-    from ..planning import default_plans_name, plan_for_network
+    from ..planning.plans import default_plans_name, plan_for_network
 
     if not nnUNet_preprocessed:
         raise SystemExit("nnUNet_preprocessed is not set; see `nnunet-mamba env`")
