@@ -13,6 +13,7 @@ from pathlib import Path
 
 from ..checkpoint_import import import_checkpoint_file, import_model_folder
 from ..checkpoints import TRUST_PICKLE_ENV, CheckpointError
+from .options import add_trust_pickle_option, trust_pickle
 
 COMMAND = "import-checkpoint"
 DESCRIPTION = ("Convert a model trained with the original U-Mamba or Swin-UMamba repositories into one that "
@@ -34,15 +35,13 @@ def add_parser(sub) -> None:
                    help="store this trainer name instead of the default (the original name; "
                         "nnUNetTrainerUMambaEncNoAMP becomes nnUNetTrainerUMambaEnc)")
     p.add_argument("--force", action="store_true", help="replace the destination if it exists")
-    p.add_argument("--trust-pickle", action="store_true",
-                   help="also accept checkpoints holding pickled Python objects beyond tensors, plain containers "
-                        "and numpy scalars (loaded with weights_only=False, which can run code from the file): only "
-                        f"for sources you trust; {TRUST_PICKLE_ENV}=1 does the same")
+    add_trust_pickle_option(p, "checkpoints holding pickled Python objects beyond tensors, plain containers and "
+                               "numpy scalars", f"; {TRUST_PICKLE_ENV}=1 does the same")
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    trust = True if args.trust_pickle else None  # without the flag, NNUNET_MAMBA_TRUST_PICKLE decides
+    trust = trust_pickle(args)
     try:
         if args.src.is_dir():
             result = import_model_folder(args.src, args.dst, args.trainer, args.force, trust)
