@@ -23,7 +23,7 @@ from .benchmark_report import COLUMNS, format_cell, median_rows, table_lines, ta
 from .benchmark_step import PRESETS, measure, network_kwargs, plan_from_file
 
 
-def add_parser(sub) -> None:
+def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("benchmark", help="training-step time, peak memory and parameters of networks")
     p.add_argument("networks", nargs="*", default=["plainconvunet", "umamba_bot", "umamba_enc"],
                    help=f"names from `nnunet-mamba list` or baselines {sorted(BASELINES)} (nnU-Net's PlainConvUNet, "

@@ -23,7 +23,7 @@ DESCRIPTION = ("Convert a model trained with the original U-Mamba or Swin-UMamba
                "read. A single checkpoint file SRC is converted into the file DST.")
 
 
-def add_parser(sub) -> None:
+def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(COMMAND, help="convert a model trained with the original U-Mamba / Swin-UMamba code",
                        description=DESCRIPTION)
     p.add_argument("src", type=Path, metavar="SRC",

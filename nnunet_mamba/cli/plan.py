@@ -7,7 +7,7 @@ import os
 from ..networks import list_networks
 
 
-def add_parser(sub) -> None:
+def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("plan", help="write nnU-Net plans for one of our networks (train with nnUNetv2_train -p NAME)")
     p.add_argument("-d", "--dataset", required=True, help="dataset name or id, as for nnUNetv2_train")
     p.add_argument("--arch", required=True, choices=list_networks(), metavar="NAME",

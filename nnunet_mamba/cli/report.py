@@ -33,7 +33,7 @@ def write_csv(path: str, fields: Sequence[str], rows: Iterable[Mapping[str, Any]
         writer.writerows(rows)
 
 
-def pyplot():
+def pyplot() -> Any:
     """matplotlib's pyplot on the file-only Agg backend (no display on cluster nodes)."""
     import matplotlib
     matplotlib.use("Agg")
@@ -42,7 +42,7 @@ def pyplot():
     return plt
 
 
-def bar_panel(ax, names: Sequence[str], values: Sequence[float], baseline: Sequence[bool], label: str,
+def bar_panel(ax: Any, names: Sequence[str], values: Sequence[float], baseline: Sequence[bool], label: str,
               value_format: str, xerr: Optional[Sequence[float]] = None) -> None:
     """Horizontal bars, baselines grey, each bar annotated with its value; ``names`` top to bottom as given."""
     names, values, baseline = names[::-1], values[::-1], baseline[::-1]  # barh draws the first name lowest

@@ -13,7 +13,7 @@ from .options import add_trust_pickle_option, trust_pickle
 COMMAND = "download-weights"
 
 
-def add_parser(sub) -> None:
+def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(COMMAND, help="download pretrained weights (e.g. vmamba-tiny) and verify them",
                        description="Download pretrained weights, verify them (sha256 when pinned, keys and shapes "
                                    "always) and place them in the weights folder; a file never appears there "
