@@ -16,8 +16,6 @@ import os
 import shlex
 import shutil
 import sys
-import signal
-import tempfile
 from dataclasses import dataclass
 from functools import lru_cache
 from importlib.resources import files
@@ -155,67 +153,17 @@ def verify_checkpoint(path: PathLike, spec: PretrainedSpec, trust_pickle: Option
     return state_dict
 
 
-PARTIAL_SUFFIX = ".partial"
-
-
-def _partial_prefix(final: Path) -> str:
-    return f".{final.name}."
-
-
-def remove_stale_partials(final: Path) -> List[Path]:
-    """Delete temporary files of ``final`` left by an install that was killed (SIGKILL, power loss): those whose
-    process (its pid is in the name) is gone. Returns what was removed."""
-    removed = []
-    for path in final.parent.glob(f"{_partial_prefix(final)}*{PARTIAL_SUFFIX}"):
-        pid = path.name[len(_partial_prefix(final)):].split(".", 1)[0]
-        if pid.isdigit() and _process_alive(int(pid)):
-            continue  # another install is writing it right now
-        path.unlink(missing_ok=True)
-        removed.append(path)
-    return removed
-
-
-def _process_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # someone else's process
-        return True
-    return True
-
-
-def _raise_interrupt(signum: int, frame: object) -> None:
-    raise KeyboardInterrupt(f"signal {signum}")
-
-
 def _install(final: Path, spec: PretrainedSpec, fetch: Callable[[Path], None], label: str,
              trust_pickle: Optional[bool]) -> Path:
-    """``fetch`` into a temporary file beside ``final``, verify it, then rename it to ``final`` (atomic within one
-    file system), so ``final`` never holds a partial or unverified file. SIGTERM (SLURM, ``docker stop``, ``kill``)
-    is turned into an interrupt while this runs, so the temporary file is removed then too; one left by SIGKILL is
-    removed by the next install (:func:`remove_stale_partials`)."""
-    remove_stale_partials(final)
-    fd, tmp_name = tempfile.mkstemp(prefix=f"{_partial_prefix(final)}{os.getpid()}.", suffix=PARTIAL_SUFFIX,
-                                    dir=final.parent)
-    os.close(fd)
-    tmp = Path(tmp_name)
-    previous = None
-    try:
-        if signal.getsignal(signal.SIGTERM) == signal.SIG_DFL:  # a handler someone installed (our CLI's) stays
-            try:
-                previous = signal.signal(signal.SIGTERM, _raise_interrupt)
-            except ValueError:  # not the main thread: signals stay as they are
-                pass
+    """``fetch`` into a temporary file beside ``final`` and verify it before it takes the final name
+    (:func:`nnunet_mamba.files.install_file`), so ``final`` never holds a partial or unverified file."""
+    from .files import install_file
+
+    def fetch_and_verify(tmp: Path) -> None:
         fetch(tmp)
         verify_checkpoint(tmp, spec, trust_pickle, label)
-        os.chmod(tmp, 0o644)  # mkstemp makes it owner-only; weights are no secret
-        os.replace(tmp, final)
-    finally:
-        tmp.unlink(missing_ok=True)
-        if previous is not None:
-            signal.signal(signal.SIGTERM, previous)
-    return final
+
+    return install_file(final, fetch_and_verify)  # 0o644: weights are no secret
 
 
 def download_weights(name: str, force: bool = False, from_file: Optional[PathLike] = None, progress: bool = True,

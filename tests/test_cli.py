@@ -94,10 +94,10 @@ def test_benchmark_rejects_unknown_network():
 
 
 def test_benchmark_flemme_study_reports_times_relative_to_the_conv_network(capsys, tmp_path, monkeypatch):
-    from nnunet_mamba.cli import benchmark
+    from nnunet_mamba.cli import benchmark_flemme
 
-    monkeypatch.setitem(benchmark.FLEMME_STUDY, "sizes", [(2, 32)])
-    monkeypatch.setitem(benchmark.FLEMME_STUDY, "num_blocks", [2])
+    monkeypatch.setitem(benchmark_flemme.FLEMME_STUDY, "sizes", [(2, 32)])
+    monkeypatch.setitem(benchmark_flemme.FLEMME_STUDY, "num_blocks", [2])
     out_json = tmp_path / "flemme.json"
     assert main(["benchmark", "--flemme-table3", "--steps", "1", "--warmup", "0", "--device", "cpu",
                  "--json", str(out_json)]) == 0
@@ -111,7 +111,7 @@ def test_benchmark_flemme_study_reports_times_relative_to_the_conv_network(capsy
 
 
 def test_kernel_categories_name_what_kernels_compute():
-    from nnunet_mamba.cli.benchmark import kernel_category
+    from nnunet_mamba.cli.benchmark_profile import kernel_category
 
     names = {"void selective_scan_bwd_kernel<Selective_Scan_bwd_kernel_traits<32, 16>>": "scan",
              "_selective_scan_fwd_kernel": "scan", "_cross_scan_bwd_kernel": "scan",
@@ -129,7 +129,7 @@ def test_profiled_benchmark_step_is_split_by_category():
     from torch import nn
 
     import nnunet_mamba
-    from nnunet_mamba.cli import benchmark
+    from nnunet_mamba.cli import benchmark_profile, benchmark_step
 
     plan = dict(input_channels=1, n_stages=3, features_per_stage=[8, 16, 16], conv_op=nn.Conv2d,
                 kernel_sizes=[[3, 3]] * 3, strides=[[1, 1]] + [[2, 2]] * 2, n_conv_per_stage=[1, 1, 1],
@@ -137,10 +137,10 @@ def test_profiled_benchmark_step_is_split_by_category():
                 norm_op_kwargs={"eps": 1e-5, "affine": True}, nonlin=nn.LeakyReLU, nonlin_kwargs={"inplace": True},
                 deep_supervision=True)
     network = nnunet_mamba.create_network("umamba_bot", **plan)
-    row = benchmark.measure_network(network, [24, 24], 1, 2, torch.device("cpu"), steps=1, warmup=0,
+    row = benchmark_step.measure_network(network, [24, 24], 1, 2, torch.device("cpu"), steps=1, warmup=0,
                                     compile_network=False, profile=True)
     categories = row["time_by_category"]
-    assert set(categories) <= {name for name, _ in benchmark.KERNEL_CATEGORIES} | {"elementwise/other"}
+    assert set(categories) <= {name for name, _ in benchmark_profile.KERNEL_CATEGORIES} | {"elementwise/other"}
     assert {"scan", "convolution", "normalization"} <= set(categories)  # the Mamba bottleneck's scan op is seen
     assert all(ms > 0 for ms in categories.values())
     assert list(categories.values()) == sorted(categories.values(), reverse=True)
@@ -154,9 +154,9 @@ def test_benchmark_has_resenc_rows(capsys, tmp_path, monkeypatch):
 
     from dynamic_network_architectures.architectures.unet import ResidualEncoderUNet
 
-    from nnunet_mamba.cli import benchmark
-    tiny = {"patch_size": [32, 32], "batch_size": 2, "arch": benchmark._stages(2, 4, [4, 8, 16, 16])}
-    monkeypatch.setitem(benchmark.PRESETS, "2d_320", tiny)
+    from nnunet_mamba.cli import benchmark_step
+    tiny = {"patch_size": [32, 32], "batch_size": 2, "arch": benchmark_step._stages(2, 4, [4, 8, 16, 16])}
+    monkeypatch.setitem(benchmark_step.PRESETS, "2d_320", tiny)
     out_json = tmp_path / "bench.json"
     assert main(["benchmark", "plainconvunet", "resenc_m", "resenc_l", "--batch", "2", "--steps", "1", "--warmup",
                  "0", "--device", "cpu", "--json", str(out_json)]) == 0
@@ -164,7 +164,7 @@ def test_benchmark_has_resenc_rows(capsys, tmp_path, monkeypatch):
     assert list(rows) == ["plainconvunet", "resenc_m", "resenc_l"]
     table = capsys.readouterr().out
     assert all(f"\n{name} " in table for name in rows)
-    network = benchmark.build("resenc_m", tiny, 1, 14)
+    network = benchmark_step.build("resenc_m", tiny, 1, 14)
     assert isinstance(network, ResidualEncoderUNet)
     assert [len(stage.blocks) for stage in network.encoder.stages] == [1, 3, 4, 6]
     assert rows["resenc_m"]["params"] == rows["resenc_l"]["params"] == sum(p.numel() for p in network.parameters())
@@ -174,8 +174,8 @@ def test_benchmark_has_resenc_rows(capsys, tmp_path, monkeypatch):
 def test_resenc_presets_batch_is_what_their_planners_choose():
     """nnU-Net's formula (ExperimentPlanner.get_plans_for_configuration) with the M / L reference values, for the
     3D preset's layout and patch: M keeps nnU-Net's default batch of 2, L's 24 GB target triples it."""
-    from nnunet_mamba.cli.benchmark import PRESETS, network_kwargs
-    from nnunet_mamba.planning import resenc_batch_size
+    from nnunet_mamba.cli.benchmark_step import PRESETS, network_kwargs
+    from nnunet_mamba.planning.baselines import resenc_batch_size
     plan = PRESETS["3d_128"]
     assert [resenc_batch_size(n, network_kwargs(n, plan), plan["patch_size"], 1, 14)
             for n in ("resenc_m", "resenc_l")] == [2, 7]

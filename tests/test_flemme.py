@@ -345,7 +345,7 @@ def test_wrong_input_and_options_raise():
 
 
 def test_memory_estimate_under_fake_tensors_leaves_real_forwards_working():
-    from nnunet_mamba.planning import network_memory_gib
+    from nnunet_mamba.planning.memory import network_memory_gib
 
     size = (12, 20)  # a size no other test uses: the index tables and masks are first built under FakeTensorMode
     for name in ("flemme_swinu_hsem", "flemme_mambau"):

@@ -6,7 +6,7 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.utils.flop_counter import FlopCounterMode
 
 import nnunet_mamba
-from nnunet_mamba.cli import benchmark
+from nnunet_mamba.cli import benchmark_step
 from nnunet_mamba.ops import cross_selective_scan, scan_orders, selective_scan
 from nnunet_mamba.ops.flops import SCAN_OPS, register_scan_flops
 
@@ -105,7 +105,7 @@ def test_benchmark_gflops_count_the_scan_on_top_of_twice_the_gmacs():
                 deep_supervision=True)
     torch.manual_seed(0)
     network = nnunet_mamba.create_network("umamba_bot", **plan)
-    row = benchmark.measure_network(network, [40, 24], 1, 3, torch.device("cpu"), steps=1, warmup=0,
+    row = benchmark_step.measure_network(network, [40, 24], 1, 3, torch.device("cpu"), steps=1, warmup=0,
                                     compile_network=False)
     # the bottleneck's Mamba layer: 32 channels, d_inner 64, N 16, a 5 x 3 map (L 15), D and the z gate
     scan = 9 * 15 * 64 * 16 + 2 * 64 * 15

@@ -19,8 +19,9 @@ from nnunetv2.utilities.plans_handling.plans_handler import PlansManager  # noqa
 
 from nnunet_mamba.cli import main  # noqa: E402
 from nnunet_mamba.networks import create_network, resolve_plan_imports  # noqa: E402
-from nnunet_mamba.planning import (PlanningError, estimate_training_memory_gib, plan_for_network,  # noqa: E402
-                                   MAX_DATASET_COVERED)
+from nnunet_mamba.planning.baselines import MAX_DATASET_COVERED  # noqa: E402
+from nnunet_mamba.planning.memory import estimate_training_memory_gib  # noqa: E402
+from nnunet_mamba.planning.plans import PlanningError, plan_for_network  # noqa: E402
 from nnunet_mamba.trainers import (nnUNetTrainerSegResMamba, nnUNetTrainerSwinUMambaScratch,  # noqa: E402
                                    nnUNetTrainerUMambaBot, nnUNetTrainerUMambaEnc, nnUNetTrainerViMUNetSmall)
 

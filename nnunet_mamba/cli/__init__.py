@@ -1,4 +1,4 @@
-"""``nnunet-mamba`` command line: demo, env, list, benchmark, download-weights, import-checkpoint."""
+"""``nnunet-mamba`` command line: one module per command (the table below), imported only when it runs."""
 from __future__ import annotations
 
 import argparse

@@ -95,7 +95,7 @@ def run_step(command: List[str], env: Dict[str, str], log: IO[str]) -> int:
             process.wait()
 
 
-def add_parser(sub) -> None:
+def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("demo", help="train and evaluate a U-Mamba on a small synthetic 2D dataset (minutes on a CPU)")
     p.add_argument("--folder", help="work folder (kept); default: a temporary folder, removed at the end unless a "
                                     "step failed")

@@ -57,7 +57,7 @@ def _version(dist: str) -> str:
         return "not installed"
 
 
-def add_parser(sub) -> None:
+def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("env", help="print shell exports for nnU-Net (eval \"$(nnunet-mamba env)\") and diagnostics",
                        description="Print the export of nnUNet_extTrainer that makes nnU-Net find our trainers, "
                                    "with diagnostics as # comments, so that eval \"$(nnunet-mamba env)\" works.")

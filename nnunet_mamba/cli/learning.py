@@ -61,7 +61,7 @@ def dataset_name(dim: int) -> str:
     return f"Dataset{DATASET_IDS[dim]:03d}_LearnBench{dim}D"
 
 
-def add_parser(sub) -> None:
+def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("learning-benchmark",
                        help="train trainers and nnU-Net's baselines on synthetic context tasks (real nnUNetv2_train, "
                             "one schedule, several seeds); table of validation Dice, s/epoch, peak memory")

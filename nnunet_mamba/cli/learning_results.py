@@ -2,7 +2,6 @@
 (mean and spread over seeds), and its Markdown/CSV/PNG files plus a Dice-versus-epoch plot."""
 from __future__ import annotations
 
-import csv
 import json
 import os
 import statistics
@@ -12,6 +11,7 @@ from typing import Dict, List, Optional, Sequence
 import torch
 
 from ..synthetic import LEARNING_LABELS
+from .report import aligned_lines, bar_panel, markdown_table, pyplot, write_csv, write_lines
 
 CLASSES = [name for name, value in LEARNING_LABELS.items() if value]
 DEFAULT_PLANS = "nnUNetPlans"
@@ -105,9 +105,7 @@ def format_cell(row: dict, key: str) -> str:
 def table_lines(rows: List[dict]) -> List[str]:
     """The table as aligned console lines."""
     cells = [[t for _, t in COLUMNS]] + [[format_cell(r, k) for k, _ in COLUMNS] for r in rows]
-    widths = [max(len(c[i]) for c in cells) for i in range(len(COLUMNS))]
-    return ["  ".join(c.ljust(w) if i < 2 else c.rjust(w) for i, (c, w) in enumerate(zip(line, widths))).rstrip()
-            for line in cells]
+    return aligned_lines(cells, left=(0, 1))
 
 
 def write_outputs(prefix: str, rows: List[dict], runs: List[dict], header: str) -> List[str]:
@@ -115,34 +113,23 @@ def write_outputs(prefix: str, rows: List[dict], runs: List[dict], header: str) 
     epoch, mean over seeds); returns the paths written."""
     folder = os.path.dirname(os.path.abspath(prefix))
     os.makedirs(folder, exist_ok=True)
-    md = [f"<!-- {header} -->", "| " + " | ".join(t for _, t in COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
-    md += ["| " + " | ".join(format_cell(r, k) for k, _ in COLUMNS) + " |" for r in rows]
+    md = markdown_table(header, [t for _, t in COLUMNS], ([format_cell(r, k) for k, _ in COLUMNS] for r in rows))
     md += ["", "Dice: mean ± half the spread (max - min) over seeds, on fold 0's validation cases; "
            "vs default: foreground Dice minus nnUNetTrainer's, in points."]
-    with open(prefix + ".md", "w") as f:
-        f.write("\n".join(md) + "\n")
+    write_lines(prefix + ".md", md)
     fields = ["dim", "trainer", "seeds", "fg_dice", "fg_dice_spread"]
     fields += [k for c in CLASSES for k in (f"dice_{c}", f"dice_{c}_spread")]
     fields += ["delta_points", "sec_per_epoch", "peak_gib"]
-    with open(prefix + ".csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
-        writer.writeheader()
-        writer.writerows(rows)
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    write_csv(prefix + ".csv", fields, rows)
+    plt = pyplot()
 
     dims = list(dict.fromkeys(r["dim"] for r in rows))
     fig, axes = plt.subplots(1, len(dims), figsize=(6 * len(dims), 0.4 * max(len(rows), 4) + 1.8), squeeze=False)
     for ax, dim in zip(axes[0], dims):
-        mine = [r for r in rows if r["dim"] == dim][::-1]
-        values = [r["fg_dice"] for r in mine]
-        ax.barh([r["trainer"] for r in mine], values, xerr=[r["fg_dice_spread"] / 2 for r in mine],
-                color=["0.6" if r["baseline"] else "C0" for r in mine])
-        ax.set_xlabel(f"{dim}: foreground-mean validation Dice")
+        mine = [r for r in rows if r["dim"] == dim]
+        bar_panel(ax, [r["trainer"] for r in mine], [r["fg_dice"] for r in mine], [r["baseline"] for r in mine],
+                  f"{dim}: foreground-mean validation Dice", ".3f", xerr=[r["fg_dice_spread"] / 2 for r in mine])
         ax.set_xlim(0, 1)
-        for y, v in enumerate(values):
-            ax.annotate(f"{v:.3f}", (v, y), xytext=(3, 0), textcoords="offset points", va="center", fontsize=8)
     fig.suptitle(textwrap.fill(header, 60 * len(dims)), fontsize=8)
     fig.tight_layout()
     fig.savefig(prefix + ".png", dpi=120)

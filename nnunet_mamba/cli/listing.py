@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 
 
-def add_parser(sub) -> None:
+def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("list", help="list networks and nnU-Net trainers")
     p.set_defaults(func=run)
 

@@ -7,7 +7,7 @@ import os
 from ..networks import list_networks
 
 
-def add_parser(sub) -> None:
+def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("plan", help="write nnU-Net plans for one of our networks (train with nnUNetv2_train -p NAME)")
     p.add_argument("-d", "--dataset", required=True, help="dataset name or id, as for nnUNetv2_train")
     p.add_argument("--arch", required=True, choices=list_networks(), metavar="NAME",
@@ -27,7 +27,7 @@ def run(args: argparse.Namespace) -> int:
     from nnunetv2.paths import nnUNet_preprocessed
     from nnunetv2.utilities.dataset_name_id_conversion import maybe_convert_to_dataset_name
 
-    from ..planning import default_plans_name, plan_for_network
+    from ..planning.plans import default_plans_name, plan_for_network
 
     if not nnUNet_preprocessed:
         raise SystemExit("nnUNet_preprocessed is not set; see `nnunet-mamba env`")

@@ -8,11 +8,12 @@ from pathlib import Path
 from ..checkpoints import TRUST_PICKLE_ENV, CheckpointError
 from ..pretrained import (WEIGHTS_DIR_ENV, DownloadError, download_weights, file_sha256, get_pretrained_spec,
                           list_pretrained, weights_path)
+from .options import add_trust_pickle_option, trust_pickle
 
 COMMAND = "download-weights"
 
 
-def add_parser(sub) -> None:
+def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(COMMAND, help="download pretrained weights (e.g. vmamba-tiny) and verify them",
                        description="Download pretrained weights, verify them (sha256 when pinned, keys and shapes "
                                    "always) and place them in the weights folder; a file never appears there "
@@ -24,19 +25,16 @@ def add_parser(sub) -> None:
     p.add_argument("--force", action="store_true", help="replace the file if it is already there")
     p.add_argument("--dir", type=Path, metavar="DIR",
                    help=f"weights folder (default: ${WEIGHTS_DIR_ENV} if set, else ~/.cache/nnunet_mamba)")
-    p.add_argument("--trust-pickle", action="store_true",
-                   help="also accept files holding pickled Python objects besides tensors (loaded with "
-                        "weights_only=False, which can run code from the file): only for sources you trust. "
-                        f"Training then needs {TRUST_PICKLE_ENV}=1 to load the file too")
+    add_trust_pickle_option(p, "files holding pickled Python objects besides tensors",
+                            f". Training then needs {TRUST_PICKLE_ENV}=1 to load the file too")
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
     present = weights_path(args.name, args.dir).exists() and not args.force
     try:
-        # without the flag, NNUNET_MAMBA_TRUST_PICKLE decides (as it does for the trainers)
         path = download_weights(args.name, force=args.force, from_file=args.from_file, weights_dir=args.dir,
-                                trust_pickle=True if args.trust_pickle else None)
+                                trust_pickle=trust_pickle(args))
     except (CheckpointError, DownloadError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1

@@ -1,4 +1,4 @@
-"""Plans files for our networks (``nnunet-mamba plan``) and a training-memory estimate that needs no GPU.
+"""Plans files for our networks (``nnunet-mamba plan``), sized by a training-memory estimate that needs no GPU.
 
 The plans-file route: from nnU-Net's plans of a dataset (``nnUNetPlans.json``) write ``<plans name>.json`` beside
 it whose configurations name one of our network classes, so that nnU-Net's stock trainer and predictor build it
@@ -19,174 +19,27 @@ patch; while batch 2 does not fit, shrink the axis that is largest relative to t
 nnU-Net's topology rules, re-deriving stages, kernels and strides; fixed architectures: by their total stride);
 then take the largest batch that fits, capped so that one batch covers at most 5% of the dataset's voxels.
 
-The memory estimate is the peak of one nnU-Net training step as ``torch.cuda.max_memory_allocated`` reports it
-(fp16 autocast, Dice+CE with deep supervision, SGD with momentum). The network's forward pass and the loss run
-under ``FakeTensorMode`` (tensors with shapes and dtypes but no storage) with bfloat16 autocast on the CPU (2-byte
-elements, as fp16 on CUDA), so it needs neither a GPU nor mamba-ssm, and the Mamba layers count with what they
-really save. Every tensor autograd saves for the backward pass is summed, each storage once, and::
-
-    estimate = saved + TRANSIENT_FACTOR x largest saved tensor + 2 x parameter bytes
-
-Parameters and SGD's momentum stay resident; gradients are not added because nnU-Net zeroes them with
-``set_to_none``, so they are allocated during the backward pass while the saved activations are being freed. The
-transient term stands for the backward pass's temporaries (gradients of the largest activations, workspaces);
-its factor is fitted to peaks measured on an H100 (README, "Planning"), which the estimate matches within 10%.
+The estimate itself is :mod:`nnunet_mamba.planning.memory`.
 """
 from __future__ import annotations
 
 import copy
-import itertools
 import json
 import math
 import os
-import pydoc
 from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
-import torch
 from torch import nn
-from torch._subclasses.fake_tensor import FakeTensorMode
-from torch.func import functional_call
-from torch.multiprocessing.reductions import StorageWeakRef
 
-from .networks import create_network, get_network_spec, plan_kwargs, resolve_plan_imports
-from .networks.registry import NetworkSpec
-
-# nnU-Net's networks, for comparison in benchmarks and tests.
-BASELINES = {"plainconvunet": "dynamic_network_architectures.architectures.unet.PlainConvUNet",
-             "resenc_m": "dynamic_network_architectures.architectures.unet.ResidualEncoderUNet",
-             "resenc_l": "dynamic_network_architectures.architectures.unet.ResidualEncoderUNet"}
-
-
-@dataclass(frozen=True)
-class ResEncPreset:
-    """One of nnU-Net's ResEnc presets (nnU-Net Revisited), as its planner (nnunetv2's
-    residual_encoder_unet_planners.nnUNetPlannerResEncM / L) sets it up: the VRAM target and its reference values."""
-
-    plans_name: str
-    vram_target_gb: float
-    reference_gb: float
-    reference_2d: float
-    reference_3d: float
-
-
-# M and L build the same layout (ResidualEncoderUNet, these blocks per stage, nnU-Net's widths); they differ in
-# the memory target, so in the batch (2D) or patch (3D) their planners choose for a dataset.
-RESENC_BLOCKS_PER_STAGE_ENCODER = (1, 3, 4, 6, 6, 6, 6, 6, 6, 6, 6, 6, 6)
-RESENC_BLOCKS_PER_STAGE_DECODER = (1,) * 12
-RESENC_PRESETS = {"resenc_m": ResEncPreset("nnUNetResEncUNetMPlans", 8, 8, 135e6, 680e6),
-                  "resenc_l": ResEncPreset("nnUNetResEncUNetLPlans", 24, 24, 380e6, 2100e6)}
-# nnU-Net's ExperimentPlanner: the batch sizes its reference values correspond to, the smallest batch it plans
-PLANNER_REFERENCE_BATCH = {2: 12, 3: 2}
-
-
-def baseline_kwargs(name: str, arch_kwargs: dict) -> dict:
-    """Constructor kwargs of the baseline ``name`` for a plan's U-Net layout: a ResEnc plan's kwargs are taken as
-    they are; a PlainConvUNet plan's per-stage convolutions become the ResEnc planners' blocks per stage."""
-    kwargs = dict(arch_kwargs)
-    if name not in RESENC_PRESETS:
-        return {k: v for k, v in kwargs.items() if k != "n_blocks_per_stage"}
-    if "n_blocks_per_stage" not in kwargs:
-        n = kwargs["n_stages"]
-        kwargs.pop("n_conv_per_stage", None)
-        kwargs.update(n_blocks_per_stage=list(RESENC_BLOCKS_PER_STAGE_ENCODER[:n]),
-                      n_conv_per_stage_decoder=list(RESENC_BLOCKS_PER_STAGE_DECODER[:n - 1]))
-    return kwargs
-
-
-def resenc_batch_size(name: str, arch_kwargs: dict, patch_size: Sequence[int], in_channels: int,
-                      num_classes: int) -> int:
-    """The batch size nnU-Net's ResEnc planner ``name`` plans for this layout and patch: its reference value,
-    scaled to its VRAM target, over nnU-Net's static estimate of the network's feature maps, times the reference
-    batch (``ExperimentPlanner.get_plans_for_configuration``; the presets do not cap it by the dataset's size).
-    The planner would first shrink a patch whose estimate exceeds the reference, and in 3D it spends a larger
-    budget on a larger patch where the images are larger; here the patch is kept, so the budget goes to the batch."""
-    from nnunetv2.experiment_planning.experiment_planners.default_experiment_planner import ExperimentPlanner
-
-    preset, dim = RESENC_PRESETS[name], len(patch_size)
-    estimate = ExperimentPlanner.static_estimate_VRAM_usage(
-        tuple(patch_size), in_channels, num_classes, BASELINES[name], baseline_kwargs(name, arch_kwargs), ())
-    reference = (preset.reference_2d if dim == 2 else preset.reference_3d) * preset.vram_target_gb / \
-        preset.reference_gb
-    return max(round(reference / estimate * PLANNER_REFERENCE_BATCH[dim]), MIN_BATCH_SIZE)
-
-TRANSIENT_FACTOR = 1.2  # fitted to H100 peaks, see the module docstring
-
-# nnU-Net's planner constants (ExperimentPlanner): smallest batch, largest share of the dataset's voxels in one
-# batch, smallest feature-map edge at the bottleneck.
-MIN_BATCH_SIZE = 2
-MAX_DATASET_COVERED = 0.05
-FEATUREMAP_MIN_EDGE_LENGTH = 4
+from ..networks import get_network_spec, plan_kwargs, resolve_plan_imports
+from ..networks.registry import NetworkSpec
+from .baselines import FEATUREMAP_MIN_EDGE_LENGTH, MAX_DATASET_COVERED, MIN_BATCH_SIZE
+from .memory import build_network, network_memory_gib
 
 
 class PlanningError(ValueError):
     """A plan that cannot be made; the message says why and what to change."""
-
-
-def build_network(name: str, arch_kwargs: dict, in_channels: int, num_classes: int) -> nn.Module:
-    """A registered network, or a baseline of ``BASELINES``, from constructor kwargs, with deep supervision."""
-    if name in BASELINES:
-        return pydoc.locate(BASELINES[name])(input_channels=in_channels, num_classes=num_classes,
-                                             deep_supervision=True, **arch_kwargs)
-    return create_network(name, input_channels=in_channels, num_classes=num_classes, deep_supervision=True,
-                          **arch_kwargs)
-
-
-def training_loss(num_outputs: int) -> nn.Module:
-    """nnU-Net's default loss: Dice + CE on each output, weighted 1, 1/2, 1/4, ... with the lowest one at 0."""
-    from nnunetv2.training.loss.compound_losses import DC_and_CE_loss
-    from nnunetv2.training.loss.deep_supervision import DeepSupervisionWrapper
-    from nnunetv2.training.loss.dice import MemoryEfficientSoftDiceLoss
-
-    # plain floats, no tensors: the loss is also built under FakeTensorMode
-    weights = [1 / 2 ** i for i in range(num_outputs)]
-    if num_outputs > 1:
-        weights[-1] = 0
-    loss = DC_and_CE_loss({"batch_dice": True, "smooth": 1e-5, "do_bg": False, "ddp": False}, {}, weight_ce=1,
-                          weight_dice=1, ignore_label=None, dice_class=MemoryEfficientSoftDiceLoss)
-    return DeepSupervisionWrapper(loss, [w / sum(weights) for w in weights])
-
-
-def network_memory_gib(network: nn.Module, in_channels: int, patch_size: Sequence[int], batch_size: int) -> float:
-    """Estimated peak GiB of one training step of ``network`` (in training mode); see the module docstring."""
-    saved: Dict[StorageWeakRef, int] = {}
-
-    def pack(tensor: torch.Tensor) -> torch.Tensor:
-        storage = tensor.untyped_storage()
-        saved[StorageWeakRef(storage)] = storage.nbytes()
-        return tensor
-
-    # non-fake inputs allowed: constants a network keeps outside its parameters and buffers become fake on use
-    with FakeTensorMode(allow_non_fake_inputs=True) as mode:
-        state = {name: mode.from_tensor(t) for name, t in itertools.chain(network.named_parameters(),
-                                                                           network.named_buffers())}
-        resident = {StorageWeakRef(t.untyped_storage()) for t in state.values()}
-        image = torch.empty(batch_size, in_channels, *patch_size)
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), \
-                torch.autocast("cpu", dtype=torch.bfloat16):
-            outputs = functional_call(network, state, (image,))
-            outputs = list(outputs) if isinstance(outputs, (list, tuple)) else [outputs]
-            targets = [torch.zeros(batch_size, 1, *o.shape[2:]) for o in outputs]
-            # held until the sum below: the graph keeps every saved storage alive, so none is freed and its
-            # address reused by a later one (which would merge their entries)
-            loss = training_loss(len(outputs))(outputs, targets)
-        activations = [n for ref, n in saved.items() if ref not in resident]
-        total = sum(activations) + TRANSIENT_FACTOR * max(activations, default=0)
-        del loss
-    parameters = sum(p.numel() * p.element_size() for p in network.parameters())
-    return (total + 2 * parameters) / 2 ** 30
-
-
-def estimate_training_memory_gib(network_name: str, arch_kwargs: dict, patch_size: Sequence[int], batch_size: int,
-                                 num_classes: int, in_channels: int) -> float:
-    """Estimated peak GiB of one nnU-Net training step (fp16 autocast, SGD) on a GPU, computed on the CPU.
-
-    ``arch_kwargs`` are the constructor kwargs of ``network_name`` (a registered network or a baseline),
-    classes imported, ``input_size`` included where the network needs it (:func:`nnunet_mamba.plan_kwargs` makes
-    them from a plans configuration).
-    """
-    network = build_network(network_name, arch_kwargs, in_channels, num_classes)
-    return network_memory_gib(network, in_channels, patch_size, batch_size)
 
 
 @dataclass
