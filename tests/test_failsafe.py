@@ -211,7 +211,7 @@ def test_prediction_refuses_nan_input():
     from test_trainers import plans_for
 
     from nnunet_mamba.trainers import nnUNetTrainerUMambaBot
-    from nnunet_mamba.trainers.base import refuse_nan_input
+    from nnunet_mamba.networks.base import refuse_nan_input
 
     manager = PlansManager(plans_for("umamba_bot_2d_plan320", (320, 320)))
     network = nnUNetTrainerUMambaBot.build_network_architecture(manager, manager.get_configuration("cfg"), 1, 3,

@@ -13,8 +13,9 @@ Encoders (blocks: :mod:`nnunet_mamba.layers.flemme`; ``building_block`` picks th
     swinu    SwinBlock (or ResSwinBlock, a W-MSA + SW-MSA pair): patch embedding, patch merging / expanding
     mambau   MambaBlock (or ResMambaBlock): as swinu, with Mamba cross scans instead of window attention
 
-Sizes from the plans: :mod:`.flemme_layout`; the module tree: :mod:`.flemme_parts`. So nnU-Net's 2D default [32, 64, 128, 256, 512, 512, 512] with strides 2 gives patch 32 at 1/2, levels
-[64, 128, 256, 512, 512], middle [512, 512], total stride 64. The paper's Table III configuration (features
+Sizes from the plans: :mod:`.flemme_layout`; the module tree: :mod:`.flemme_parts`. So nnU-Net's 2D default
+[32, 64, 128, 256, 512, 512, 512] with strides 2 gives patch 32 at 1/2, levels [64, 128, 256, 512, 512], middle
+[512, 512], total stride 64. The paper's Table III configuration (features
 [32, 64, 128, 256], strides 2: patch embedding x2 with 32 channels, down [64, 128], middle [256, 256]) is
 :func:`flemme_table3`; its SeM parameter counts equal the original's exactly (``TABLE3_PARAMETERS``; the
 per-module breakdown, with the original's module names, is in tests/reference/flemme_table3.json). The original
@@ -46,7 +47,7 @@ from torch.nn.modules.conv import _ConvNd
 
 from ..layers.blocks import as_tuple, conv_dim
 from ..layers.flemme import CombinationLayer
-from .base import Output, SegmentationNetwork, check_positive_ints
+from .base import SegmentationNetwork, check_positive_ints
 from .flemme_layout import FlemmeLayout
 from .flemme_parts import ConvParts, FlemmeDecoder, FlemmeEncoder, MambaParts, SwinParts, stage
 from .registry import create_network, register_network

@@ -9,13 +9,9 @@ expanding, skip concatenation projected back by a linear layer, two VSS blocks p
 expanding; heads at 1, 1/4, 1/8 and 1/16.
 
 Both have a total stride of 32 (with four stages). Other sizes are zero-padded at the bottom and right to the
-next multiple of 32 and every output is cropped back. Zero padding, because nnU-Net feeds z-score normalised
-images, where 0 is the mean intensity, and pads too-small images with zeros itself, and because the
-convolutions already see zeros beyond the border (replicate padding would instead copy border structures into
-the padded band, where the scans carry them across the image). Bottom/right, because then the output grids of
-every resolution stay anchored at the image origin, like nnU-Net's downsampled deep-supervision targets: the
-output at scale s (1, 1/2, 1/4, ...) is cropped to ``round(size * s)`` pixels, the size that nnU-Net's
-``DownsampleSegForDSTransform`` gives the target of scale s (Python's round: halves to even). The scales are
+next multiple of 32 and every output is cropped back to nnU-Net's target size at its scale (why so:
+:mod:`.base`; zeros also because the convolutions already see zeros beyond the border, where replicate padding
+would copy border structures into the padded band, and the scans carry them across the image). The scales are
 ``network.deep_supervision_scales``; the original trainers override ``_get_deep_supervision_scales`` with
 them, since they do not follow the plans' pooling. nnU-Net's own trainer derives them from the plans' strides
 instead: plans for it carry ``network.plan_strides`` (``nnunet-mamba plan``), and the network refuses others.
@@ -27,19 +23,17 @@ from __future__ import annotations
 import re
 from collections import OrderedDict
 from dataclasses import dataclass, field
-from typing import Dict, List, Mapping, Optional, Sequence, Union
+from typing import Dict, List, Mapping, Optional, Sequence
 
 import torch
-import torch.nn.functional as F
-from dynamic_network_architectures.architectures.abstract_arch import AbstractDynamicNetworkArchitectures
 from dynamic_network_architectures.initialization.weight_init import InitWeights_He
 from timm.models import adapt_input_conv
 from torch import nn
 
 from ..layers.vss import FinalPatchExpand_X4, PatchExpand, VSSLayer, VSSMEncoder
-from .registry import fixed_plan_strides, register_network
-
-Output = Union[torch.Tensor, List[torch.Tensor]]
+from .base import SegmentationNetwork, check_positive_ints
+from .plans import fixed_plan_strides
+from .registry import register_network
 
 
 def _nest(name: str, module: nn.Module) -> nn.Sequential:
@@ -100,8 +94,12 @@ class SwinUMambaHeads(nn.Module):
                                          for c in channels])
 
 
-class _SwinUMambaBase(AbstractDynamicNetworkArchitectures):
-    """What both networks share: input checks, padding to the total stride, cropping, encoder freezing."""
+class _SwinUMambaBase(SegmentationNetwork):
+    """What both networks share: their scales and plan strides, encoder freezing."""
+
+    only_dim = dim = 2
+    # the cropped outputs are copied into contiguous memory
+    contiguous_outputs = True
 
     # Whether ``vssm_encoder.patch_embed`` reads the image (so ImageNet's RGB patch embedding can be adapted).
     patch_embed_reads_image: bool
@@ -109,35 +107,13 @@ class _SwinUMambaBase(AbstractDynamicNetworkArchitectures):
     def __init__(self, input_channels: int, num_classes: int, total_stride: int,
                  deep_supervision_scales: Sequence[float], strides: Optional[Sequence] = None) -> None:
         super().__init__()
-        if input_channels < 1 or num_classes < 1:
-            raise ValueError(f"input_channels and num_classes must be positive, got {input_channels}, {num_classes}")
+        check_positive_ints(input_channels=input_channels, num_classes=num_classes)
         self.input_channels = input_channels
         self.num_classes = num_classes
         self.total_stride = total_stride
         self.deep_supervision_scales = tuple(deep_supervision_scales)
         self.plan_strides = fixed_plan_strides(type(self).__name__, self.deep_supervision_scales,
                                                (total_stride, total_stride), strides)
-
-    def _forward_padded(self, x: torch.Tensor) -> List[torch.Tensor]:
-        """Head outputs for an input divisible by the total stride, highest resolution first."""
-        raise NotImplementedError
-
-    def forward(self, x: torch.Tensor) -> Output:
-        if x.dim() != 4:
-            raise ValueError(f"{type(self).__name__} is a 2D network: it expects input (batch, channels, x, y), got "
-                             f"shape {tuple(x.shape)} (3D configurations are not supported)")
-        if x.shape[1] != self.input_channels:
-            raise ValueError(f"{type(self).__name__} was built for {self.input_channels} input channels, got "
-                             f"{x.shape[1]}")
-        size = x.shape[2:]
-        pad = [-s % self.total_stride for s in size]
-        if any(pad):
-            x = F.pad(x, (0, pad[1], 0, pad[0]))
-        outputs = self._forward_padded(x)
-        if any(pad):
-            outputs = [out[..., :round(size[0] * scale), :round(size[1] * scale)].contiguous()
-                       for out, scale in zip(outputs, self.deep_supervision_scales)]
-        return outputs if self.decoder.deep_supervision else outputs[0]
 
     def pretrained_encoder_parameters(self) -> List[nn.Parameter]:
         """The ImageNet-initialised encoder parameters that the original trainers keep frozen in the first epochs

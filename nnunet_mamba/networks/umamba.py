@@ -15,27 +15,19 @@ Faithful to the original, including what its state dicts record (see ``docs`` in
 from __future__ import annotations
 
 import math
-from typing import List, Optional, Sequence, Type, Union
+from typing import List, Optional, Sequence, Tuple, Type, Union
 
 import numpy as np
 import torch
-from dynamic_network_architectures.architectures.abstract_arch import AbstractDynamicNetworkArchitectures
 from torch import nn
 from torch.nn.modules.conv import _ConvNd
 
 from ..layers import MambaLayer, UpsampleConv, conv_dim, stack_residual_blocks
 from ..layers.blocks import as_tuple
+from .base import SegmentationNetwork, per_stage
 from .registry import register_network
 
 IntOrSeq = Union[int, Sequence[int]]
-
-
-def _per_stage(value, n: int, name: str) -> list:
-    if isinstance(value, (list, tuple)):
-        if len(value) != n:
-            raise ValueError(f"{name} must have {n} entries (one per stage), got {len(value)}: {list(value)}")
-        return list(value)
-    return [value] * n
 
 
 class UMambaEncoder(nn.Module):
@@ -114,7 +106,7 @@ class UMambaDecoder(nn.Module):
         return outputs if self.deep_supervision else outputs[0]
 
 
-class UMamba(AbstractDynamicNetworkArchitectures):
+class UMamba(SegmentationNetwork):
     """U-Mamba with the Mamba layer(s) at the bottleneck (``placement='bottleneck'``) or in the encoder."""
 
     placement: str = "bottleneck"
@@ -135,14 +127,14 @@ class UMamba(AbstractDynamicNetworkArchitectures):
             raise ValueError("U-Mamba needs norm_op and nonlin (its residual blocks always normalise and activate)")
         if n_stages < 2:  # with one stage the decoder would be empty and the network return nothing
             raise ValueError(f"n_stages must be at least 2, got {n_stages}")
-        features = _per_stage(features_per_stage, n_stages, "features_per_stage")
-        kernel_sizes = [as_tuple(k, dim) for k in _per_stage(kernel_sizes, n_stages, "kernel_sizes")]
-        strides = [as_tuple(s, dim) for s in _per_stage(strides, n_stages, "strides")]
+        features = per_stage(features_per_stage, n_stages, "features_per_stage")
+        kernel_sizes = [as_tuple(k, dim) for k in per_stage(kernel_sizes, n_stages, "kernel_sizes")]
+        strides = [as_tuple(s, dim) for s in per_stage(strides, n_stages, "strides")]
         for name, values in (("kernel_sizes", kernel_sizes), ("strides", strides)):
             if any(len(v) != dim for v in values):
                 raise ValueError(f"{name} must have {dim} entries per stage for {conv_op.__name__}, got {values}")
-        blocks = _per_stage(n_conv_per_stage, n_stages, "n_conv_per_stage")
-        blocks_dec = _per_stage(n_conv_per_stage_decoder, n_stages - 1, "n_conv_per_stage_decoder")
+        blocks = per_stage(n_conv_per_stage, n_stages, "n_conv_per_stage")
+        blocks_dec = per_stage(n_conv_per_stage_decoder, n_stages - 1, "n_conv_per_stage_decoder")
         # The original reduces these in place; we reduce copies.
         for s in range(math.ceil(n_stages / 2), n_stages):
             blocks[s] = 1
@@ -151,6 +143,7 @@ class UMamba(AbstractDynamicNetworkArchitectures):
 
         self.input_channels = input_channels
         self.num_classes = num_classes
+        self.dim = dim
         self.conv_op = conv_op
         self.input_size = None if input_size is None else tuple(int(i) for i in input_size)
         self.total_stride = tuple(int(np.prod([s[d] for s in strides])) for d in range(dim))
@@ -215,15 +208,8 @@ class UMamba(AbstractDynamicNetworkArchitectures):
             if module.bias is not None:
                 nn.init.zeros_(module.bias)
 
-    def check_input(self, x: torch.Tensor) -> None:
-        dim = len(self.total_stride)
-        if x.dim() != dim + 2:
-            axes = "x, y, z" if dim == 3 else "x, y"
-            raise ValueError(f"{type(self).__name__} ({dim}D) expects input (batch, channels, {axes}), "
-                             f"got shape {tuple(x.shape)}")
-        if x.shape[1] != self.input_channels:
-            raise ValueError(f"expected {self.input_channels} input channels, got {x.shape[1]}")
-        spatial = tuple(x.shape[2:])
+    def _check_spatial(self, spatial: Tuple[int, ...]) -> None:
+        # not padded, as in the original: U-Mamba takes multiples of the total stride only
         if any(s % t for s, t in zip(spatial, self.total_stride)):
             raise ValueError(f"spatial size {spatial} must be divisible by the total stride {self.total_stride} "
                              "(the product of the plans' strides)")
