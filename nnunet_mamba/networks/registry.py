@@ -1,10 +1,24 @@
-"""Network registry, in the spirit of timm's: names map to constructors plus what a caller must know about them."""
+"""Network registry, in the spirit of timm's: names map to constructors plus what a caller must know about them,
+their pretrained weights included (the only registry: weights are found through the networks that take them)."""
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Callable, Dict, List, Tuple
+from pathlib import Path
+from typing import Callable, Dict, List, Optional, Tuple, Union
 
+import torch
 from torch import nn
+
+from .weights import PretrainedSpec, load_state_dict
+
+
+@dataclass(frozen=True)
+class PretrainedWeights:
+    """Weights a network takes, and how: ``load(network, state_dict)`` copies a verified state dict into it."""
+
+    spec: PretrainedSpec
+    load: Callable[[nn.Module, Mapping[str, torch.Tensor]], object]
 
 
 @dataclass(frozen=True)
@@ -17,6 +31,8 @@ class NetworkSpec:
     # built from the plans' U-Net layout (n_stages, features_per_stage, strides, ...); else a fixed architecture
     sized_by_plans: bool = False
     defaults: Dict[str, object] = field(default_factory=dict)
+    # weights name -> weights, the network's default first (register_pretrained fills it)
+    pretrained: Dict[str, PretrainedWeights] = field(default_factory=dict)
 
     @property
     def class_path(self) -> str:
@@ -51,7 +67,46 @@ def get_network_spec(name: str) -> NetworkSpec:
         raise KeyError(f"unknown network {name!r}; registered: {', '.join(list_networks())}") from None
 
 
-def create_network(name: str, **kwargs) -> nn.Module:
-    """Build the registered network ``name``; kwargs are its constructor arguments (nnU-Net's arch kwargs)."""
+def register_pretrained(network: str, spec: PretrainedSpec,
+                        load: Callable[[nn.Module, Mapping[str, torch.Tensor]], object]) -> None:
+    """Attach the weights ``spec`` to the registered ``network``; the first attached are its default."""
+    get_network_spec(network).pretrained[spec.name] = PretrainedWeights(spec, load)
+
+
+def _all_weights() -> Dict[str, PretrainedSpec]:
+    return {name: weights.spec for spec in _REGISTRY.values() for name, weights in spec.pretrained.items()}
+
+
+def list_pretrained() -> List[str]:
+    """Names of the pretrained weights that registered networks take, sorted."""
+    return sorted(_all_weights())
+
+
+def get_pretrained_spec(name: str) -> PretrainedSpec:
+    """The weights ``name`` (where to get them, what they hold)."""
+    known = _all_weights()
+    if name not in known:
+        raise KeyError(f"unknown pretrained weights {name!r}; known: {', '.join(sorted(known))}")
+    return known[name]
+
+
+def create_network(name: str, pretrained: Union[bool, str] = False, weights_dir: Optional[Union[str, Path]] = None,
+                   **kwargs) -> nn.Module:
+    """Build the registered network ``name``; kwargs are its constructor arguments (nnU-Net's arch kwargs).
+
+    ``pretrained``: ``True`` for the network's default weights, or the name of weights it takes; they are read,
+    verified, from the weights folder (``weights_dir``, else the default; ``nnunet-mamba download-weights NAME``
+    puts them there).
+    """
     spec = get_network_spec(name)
-    return spec.builder(**{**spec.defaults, **kwargs})
+    network = spec.builder(**{**spec.defaults, **kwargs})
+    if pretrained:
+        if not spec.pretrained:
+            raise ValueError(f"network {name!r} has no pretrained weights; known: {', '.join(list_pretrained())}")
+        tag = next(iter(spec.pretrained)) if pretrained is True else pretrained
+        if tag not in spec.pretrained:
+            raise ValueError(f"network {name!r} takes the pretrained weights {', '.join(spec.pretrained)}, not "
+                             f"{tag!r}")
+        weights = spec.pretrained[tag]
+        weights.load(network, load_state_dict(weights.spec, weights_dir))
+    return network

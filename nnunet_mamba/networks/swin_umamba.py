@@ -16,18 +16,15 @@ would copy border structures into the padded band, and the scans carry them acro
 them, since they do not follow the plans' pooling. nnU-Net's own trainer derives them from the plans' strides
 instead: plans for it carry ``network.plan_strides`` (``nnunet-mamba plan``), and the network refuses others.
 
-``load_vmamba_encoder`` copies an ImageNet VMamba-Tiny v0 checkpoint into either network's encoder.
+Their ImageNet encoder weights (VMamba-Tiny v0): :mod:`.vmamba_weights`.
 """
 from __future__ import annotations
 
-import re
 from collections import OrderedDict
-from dataclasses import dataclass, field
-from typing import Dict, List, Mapping, Optional, Sequence
+from typing import List, Optional, Sequence
 
 import torch
 from dynamic_network_architectures.initialization.weight_init import InitWeights_He
-from timm.models import adapt_input_conv
 from torch import nn
 
 from ..layers.vss import FinalPatchExpand_X4, PatchExpand, VSSLayer, VSSMEncoder
@@ -251,122 +248,3 @@ class SwinUMambaD(_SwinUMambaBase):
 
     def _forward_padded(self, x: torch.Tensor) -> List[torch.Tensor]:
         return self.decoder(self.vssm_encoder(x))
-
-
-# Checkpoint keys of VMamba's ImageNet classifier, which the segmentation networks do not have.
-_CLASSIFIER_KEYS = ("norm.weight", "norm.bias", "head.weight", "head.bias")
-
-
-@dataclass
-class EncoderLoadReport:
-    """What :func:`load_vmamba_encoder` did. Keys of ``loaded``/``adapted``/``missing`` are the network's,
-    keys of ``skipped``/``unexpected`` the checkpoint's."""
-
-    loaded: List[str] = field(default_factory=list)
-    adapted: List[str] = field(default_factory=list)  # loaded after adapting the input channels (in ``loaded``)
-    skipped: Dict[str, str] = field(default_factory=dict)  # checkpoint key -> why it was left out
-    unexpected: List[str] = field(default_factory=list)  # checkpoint keys the encoder has no place for
-    missing: List[str] = field(default_factory=list)  # encoder keys the checkpoint did not provide
-
-
-def _encoder_key(checkpoint_key: str) -> str:
-    # Swin-UMamba keeps VMamba's layers.i.downsample as vssm_encoder.downsamples.i
-    return "vssm_encoder." + re.sub(r"^layers\.(\d+)\.downsample\.", r"downsamples.\1.", checkpoint_key)
-
-
-def _adaptable_rgb_kernel(checkpoint_shape: torch.Size, network_shape: torch.Size) -> bool:
-    """An RGB convolution kernel that fits the network's but for the number of input channels."""
-    return (len(checkpoint_shape) == len(network_shape) == 4 and checkpoint_shape[1] == 3 != network_shape[1]
-            and checkpoint_shape[0] == network_shape[0] and checkpoint_shape[2:] == network_shape[2:])
-
-
-# The original Swin-UMamba's skip list (swin_umamba/nnunetv2/nets/SwinUMamba.py load_pretrained_ckpt, JiarunLiu/
-# Swin-UMamba) names patch_embed.norm.weight twice and patch_embed.norm.bias not at all, so it loads that bias.
-_ORIGINAL_SWIN_UMAMBA_LOADS = frozenset({"patch_embed.norm.bias"})
-
-
-def load_vmamba_encoder(network: _SwinUMambaBase, checkpoint_state_dict: Mapping[str, torch.Tensor],
-                        strict: bool = True, faithful: bool = True) -> EncoderLoadReport:
-    """Copy a VMamba v0 ImageNet checkpoint (e.g. VMamba-Tiny, ``vssmtiny_dp01_ckpt_epoch_292.pth``) into the
-    encoder of a :class:`SwinUMamba` or :class:`SwinUMambaD`, in place.
-
-    ``checkpoint_state_dict`` is the checkpoint's ``'model'`` dict; a whole training checkpoint holding one under
-    ``'model'`` is accepted too (its other entries are ignored). Always left out: the classifier (``norm.*``,
-    ``head.*``). The decoders, the stem and the conv skips stay as initialised. The patch embedding:
-
-    - ``faithful=True`` (the default): exactly the original's ``load_pretrained_ckpt``
-      (JiarunLiu/Swin-UMamba, ``swin_umamba/nnunetv2/nets/SwinUMamba.py`` and ``SwinUMambaD.py``). Swin-UMamba
-      skips ``patch_embed.proj.*`` and ``patch_embed.norm.weight`` but loads ``patch_embed.norm.bias`` (its skip
-      list names ``norm.weight`` twice); Swin-UMamba-dagger loads all four ``patch_embed.*`` tensors when the
-      checkpoint's kernel has as many input channels as the network, and skips all four otherwise.
-    - ``faithful=False``: Swin-UMamba skips all of ``patch_embed.*`` (it reads the 48-channel stem, not an image:
-      what the original meant); Swin-UMamba-dagger with other than 3 input channels loads the patch embedding
-      with the RGB kernel adapted by timm's ``adapt_input_conv`` (1 channel: the sum of the RGB kernels, i.e. a
-      grey image seen as R = G = B; C channels: the RGB kernels cycled and scaled by 3/C to keep the activation
-      scale).
-
-    Raises ValueError, before changing anything, when a tensor's shape does not fit, when nothing matches, and
-    (``strict``) when the checkpoint has encoder-like keys the network lacks or lacks some of the encoder's.
-    """
-    if not isinstance(network, _SwinUMambaBase):
-        raise TypeError(f"expected a SwinUMamba or SwinUMambaD network, got {type(network).__name__}")
-    state = checkpoint_state_dict
-    if isinstance(state.get("model"), Mapping):
-        state = state["model"]
-    targets = {k: v for k, v in network.state_dict(keep_vars=True).items() if k.startswith("vssm_encoder.")}
-    report = EncoderLoadReport()
-    pending: Dict[str, torch.Tensor] = {}
-    mismatched = []
-    kernel = state.get("patch_embed.proj.weight")
-    channels = targets["vssm_encoder.patch_embed.proj.weight"].shape[1]
-    # the checkpoint's patch-embedding keys this call loads
-    if not network.patch_embed_reads_image:
-        embedding_loaded = _ORIGINAL_SWIN_UMAMBA_LOADS if faithful else frozenset()
-    elif faithful and torch.is_tensor(kernel) and kernel.dim() == 4 and kernel.shape[1] != channels:
-        embedding_loaded = frozenset()
-    else:
-        embedding_loaded = None  # all of them
-    for key, value in state.items():
-        if key in _CLASSIFIER_KEYS:
-            report.skipped[key] = "ImageNet classifier (final norm and head)"
-            continue
-        if key.startswith("patch_embed.") and embedding_loaded is not None and key not in embedding_loaded:
-            if not network.patch_embed_reads_image:
-                report.skipped[key] = ("Swin-UMamba's patch embedding reads the 48-channel stem, not an RGB image"
-                                       + (" (the original's skip list)" if faithful else ""))
-            else:
-                report.skipped[key] = (f"the checkpoint's patch embedding reads {kernel.shape[1]} channels, the "
-                                       f"network's {channels} (the original skips it)")
-            continue
-        target = _encoder_key(key)
-        if target not in targets or not torch.is_tensor(value):
-            report.unexpected.append(key)
-            continue
-        expected = targets[target].shape
-        if key == "patch_embed.proj.weight" and not faithful and _adaptable_rgb_kernel(value.shape, expected):
-            value = adapt_input_conv(expected[1], value)
-            report.adapted.append(target)
-        if value.shape != expected:
-            mismatched.append(f"{key}: checkpoint {tuple(value.shape)}, network {target} {tuple(expected)}")
-            continue
-        pending[target] = value
-    if mismatched:
-        raise ValueError(f"{len(mismatched)} checkpoint tensor(s) do not fit {type(network).__name__}'s encoder "
-                         "(is this VMamba-Tiny v0?): " + "; ".join(mismatched[:5]))
-    if not pending:
-        raise ValueError(f"no tensor of the checkpoint matches {type(network).__name__}'s encoder (expected VMamba "
-                         f"v0 keys such as 'layers.0.blocks.0.self_attention.x_proj_weight'); first keys: "
-                         f"{list(state)[:5]}")
-    embedding = "vssm_encoder.patch_embed."
-    loadable = [k for k in targets if not k.startswith(embedding) or embedding_loaded is None
-                or k[len("vssm_encoder."):] in embedding_loaded]
-    report.missing = [k for k in loadable if k not in pending]
-    if strict and (report.unexpected or report.missing):
-        raise ValueError(f"checkpoint and {type(network).__name__}'s encoder differ (a VMamba other than Tiny v0?): "
-                         f"{len(report.unexpected)} unexpected key(s) {report.unexpected[:5]}, "
-                         f"{len(report.missing)} missing {report.missing[:5]}; pass strict=False to load the rest")
-    with torch.no_grad():
-        for target, value in pending.items():
-            targets[target].copy_(value)
-    report.loaded = list(pending)
-    return report
