@@ -109,11 +109,11 @@ def plan_kwargs(name: str, arch_kwargs: dict, patch_size: Sequence[int] | None =
             kwargs = {k: v for k, v in kwargs.items() if k in accepted}
     takes_input_size = "input_size" in inspect.signature(spec.builder).parameters
     if patch_size is not None and takes_input_size:
-        patch = [int(p) for p in patch_size]
-        if kwargs.get("input_size") is not None and [int(i) for i in kwargs["input_size"]] != patch:
+        patch_size = tuple(int(n) for n in patch_size)
+        if kwargs.get("input_size") is not None and tuple(int(n) for n in kwargs["input_size"]) != patch_size:
             raise ValueError(f"plans field architecture.arch_kwargs.input_size={list(kwargs['input_size'])} differs "
-                             f"from patch_size={patch}: the network is built for the patch size, edit both")
-        kwargs["input_size"] = tuple(patch)
+                             f"from patch_size={list(patch_size)}: the network is built for the patch size, edit both")
+        kwargs["input_size"] = patch_size  # the constructors' name for the patch size
     elif spec.needs_input_size and kwargs.get("input_size") is None:
         raise ValueError(f"network {name!r} is built for one patch size: pass patch_size")
     return kwargs

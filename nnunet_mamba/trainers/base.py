@@ -11,7 +11,7 @@ from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 from nnunetv2.utilities.plans_handling.plans_handler import ConfigurationManager, PlansManager
 from torch import nn
 
-from ..networks import network_from_plans
+from ..networks.plans import network_from_plans
 from ..networks.base import refuse_nan_input
 from ..ops import resolve_backend
 from . import recipes
