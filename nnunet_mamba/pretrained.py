@@ -14,7 +14,8 @@ import signal
 import sys
 import tempfile
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, Dict, List, Optional
+from typing import TYPE_CHECKING
+from collections.abc import Callable
 
 from .networks import get_pretrained_spec
 from .networks.weights import PathLike, PretrainedSpec, load_state_dict, verify_checkpoint, weights_file
@@ -42,7 +43,7 @@ def _partial_prefix(final: Path) -> str:
     return f".{final.name}."
 
 
-def remove_stale_partials(final: Path) -> List[Path]:
+def remove_stale_partials(final: Path) -> list[Path]:
     """Delete temporary files of ``final`` left by an install that was killed (SIGKILL, power loss): those whose
     process (its pid is in the name) is gone. Returns what was removed."""
     removed = []
@@ -70,7 +71,7 @@ def _raise_interrupt(signum: int, frame: object) -> None:
 
 
 def _install(final: Path, spec: PretrainedSpec, fetch: Callable[[Path], None], label: str,
-             trust_pickle: Optional[bool]) -> Path:
+             trust_pickle: bool | None) -> Path:
     """``fetch`` into a temporary file beside ``final``, verify it, then rename it to ``final`` (atomic within one
     file system), so ``final`` never holds a partial or unverified file. SIGTERM (SLURM, ``docker stop``, ``kill``)
     is turned into an interrupt while this runs, so the temporary file is removed then too; one left by SIGKILL is
@@ -98,8 +99,8 @@ def _install(final: Path, spec: PretrainedSpec, fetch: Callable[[Path], None], l
     return final
 
 
-def download_weights(name: str, force: bool = False, from_file: Optional[PathLike] = None, progress: bool = True,
-                     weights_dir: Optional[PathLike] = None, trust_pickle: Optional[bool] = None) -> Path:
+def download_weights(name: str, force: bool = False, from_file: PathLike | None = None, progress: bool = True,
+                     weights_dir: PathLike | None = None, trust_pickle: bool | None = None) -> Path:
     """Fetch the weights ``name`` into the weights folder and return their path.
 
     Tries each URL in turn (``from_file``: copies that local file instead, for machines without internet); the
@@ -137,8 +138,8 @@ def download_weights(name: str, force: bool = False, from_file: Optional[PathLik
                     break
 
 
-def _fetch_and_install(name: str, spec: PretrainedSpec, final: Path, source: Optional[Path], progress: bool,
-                       trust_pickle: Optional[bool]) -> Path:
+def _fetch_and_install(name: str, spec: PretrainedSpec, final: Path, source: Path | None, progress: bool,
+                       trust_pickle: bool | None) -> Path:
     import torch
 
     from .checkpoints import CheckpointError
@@ -168,13 +169,13 @@ def _fetch_and_install(name: str, spec: PretrainedSpec, final: Path, source: Opt
                           f"`nnunet-mamba download-weights {name} --from-file PATH`.")
 
 
-def weights_path(name: str, weights_dir: Optional[PathLike] = None) -> Path:
+def weights_path(name: str, weights_dir: PathLike | None = None) -> Path:
     """Where the weights ``name`` live (whether or not they are there yet)."""
     return weights_file(get_pretrained_spec(name), weights_dir)
 
 
-def load_pretrained_state_dict(name: str, weights_dir: Optional[PathLike] = None,
-                               trust_pickle: Optional[bool] = None) -> Dict[str, torch.Tensor]:
+def load_pretrained_state_dict(name: str, weights_dir: PathLike | None = None,
+                               trust_pickle: bool | None = None) -> dict[str, torch.Tensor]:
     """The verified state dict of the downloaded weights ``name`` (see
     :func:`nnunet_mamba.networks.weights.load_state_dict`)."""
     return load_state_dict(get_pretrained_spec(name), weights_dir, trust_pickle)

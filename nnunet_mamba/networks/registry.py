@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Dict, List, Optional, Tuple, Union
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -25,14 +25,14 @@ class PretrainedWeights:
 class NetworkSpec:
     name: str
     builder: Callable[..., nn.Module]
-    dims: Tuple[int, ...]
+    dims: tuple[int, ...]
     summary: str
     needs_input_size: bool = False
     # built from the plans' U-Net layout (n_stages, features_per_stage, strides, ...); else a fixed architecture
     sized_by_plans: bool = False
-    defaults: Dict[str, object] = field(default_factory=dict)
+    defaults: dict[str, object] = field(default_factory=dict)
     # weights name -> weights, the network's default first (register_pretrained fills it)
-    pretrained: Dict[str, PretrainedWeights] = field(default_factory=dict)
+    pretrained: dict[str, PretrainedWeights] = field(default_factory=dict)
 
     @property
     def class_path(self) -> str:
@@ -40,10 +40,10 @@ class NetworkSpec:
         return f"{self.builder.__module__}.{self.builder.__qualname__}"
 
 
-_REGISTRY: Dict[str, NetworkSpec] = {}
+_REGISTRY: dict[str, NetworkSpec] = {}
 
 
-def register_network(name: str, dims: Tuple[int, ...], summary: str, needs_input_size: bool = False,
+def register_network(name: str, dims: tuple[int, ...], summary: str, needs_input_size: bool = False,
                      sized_by_plans: bool = False, **defaults) -> Callable:
     """Class/function decorator adding a network under ``name``; ``defaults`` are kwargs the caller may override."""
     def decorator(builder):
@@ -55,7 +55,7 @@ def register_network(name: str, dims: Tuple[int, ...], summary: str, needs_input
     return decorator
 
 
-def list_networks() -> List[str]:
+def list_networks() -> list[str]:
     """Names of all registered networks, sorted."""
     return sorted(_REGISTRY)
 
@@ -73,11 +73,11 @@ def register_pretrained(network: str, spec: PretrainedSpec,
     get_network_spec(network).pretrained[spec.name] = PretrainedWeights(spec, load)
 
 
-def _all_weights() -> Dict[str, PretrainedSpec]:
+def _all_weights() -> dict[str, PretrainedSpec]:
     return {name: weights.spec for spec in _REGISTRY.values() for name, weights in spec.pretrained.items()}
 
 
-def list_pretrained() -> List[str]:
+def list_pretrained() -> list[str]:
     """Names of the pretrained weights that registered networks take, sorted."""
     return sorted(_all_weights())
 
@@ -90,7 +90,7 @@ def get_pretrained_spec(name: str) -> PretrainedSpec:
     return known[name]
 
 
-def create_network(name: str, pretrained: Union[bool, str] = False, weights_dir: Optional[Union[str, Path]] = None,
+def create_network(name: str, pretrained: bool | str = False, weights_dir: str | Path | None = None,
                    **kwargs) -> nn.Module:
     """Build the registered network ``name``; kwargs are its constructor arguments (nnU-Net's arch kwargs).
 

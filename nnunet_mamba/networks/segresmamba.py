@@ -51,7 +51,7 @@ is cropped to exactly the size nnU-Net downsamples its targets to for those scal
 from __future__ import annotations
 
 import math
-from typing import List, Optional, Sequence, Tuple
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -65,7 +65,7 @@ from .registry import register_network
 ENCODER_STRIDE = 16
 
 
-def _norm_act(channels: int) -> List[nn.Module]:
+def _norm_act(channels: int) -> list[nn.Module]:
     return [nn.InstanceNorm3d(channels, affine=True), nn.ReLU(inplace=True)]
 
 
@@ -102,7 +102,7 @@ class SegResMambaEncoder(nn.Module):
             for c, c_next in zip(widths[:-1], widths[1:])])
         self.blocks = nn.ModuleList([CMMB(c, d_state, d_conv, expand) for c in widths])
 
-    def forward(self, x: torch.Tensor) -> List[torch.Tensor]:
+    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
         skips = [self.blocks[0](self.stem(x))]
         for transition, block in zip(self.transitions, self.blocks[1:]):
             skips.append(block(transition(skips[-1])))
@@ -146,7 +146,7 @@ class SegResMambaDecoder(nn.Module):
         self.seg_layers = nn.ModuleList([nn.Conv3d(widths[i], num_classes, 1) for i in levels]
                                         + [nn.ConvTranspose3d(widths[0], num_classes, 2, stride=2)])
 
-    def forward(self, skips: List[torch.Tensor]) -> List[torch.Tensor]:
+    def forward(self, skips: list[torch.Tensor]) -> list[torch.Tensor]:
         """Logits, highest resolution first: all levels with deep supervision, else only the full-resolution one."""
         x = skips[-1]
         outputs = []
@@ -167,14 +167,14 @@ class SegResMamba(SegmentationNetwork):
 
     only_dim = dim = 3
     total_stride = ENCODER_STRIDE
-    deep_supervision_strides: Tuple[Tuple[int, int, int], ...] = ((1, 1, 1), (2, 2, 2), (4, 4, 4), (8, 8, 8))
+    deep_supervision_strides: tuple[tuple[int, int, int], ...] = ((1, 1, 1), (2, 2, 2), (4, 4, 4), (8, 8, 8))
     # nnU-Net's format (nnUNetTrainer._get_deep_supervision_scales): one scale per axis and output
-    deep_supervision_scales: Tuple[Tuple[float, ...], ...] = tuple(tuple(1 / s for s in strides)
+    deep_supervision_scales: tuple[tuple[float, ...], ...] = tuple(tuple(1 / s for s in strides)
                                                                   for strides in deep_supervision_strides)
 
     def __init__(self, input_channels: int, num_classes: int, deep_supervision: bool = False,
                  encoder_width: int = 48, decoder_width: int = 96, d_state: int = 16, d_conv: int = 4,
-                 expand: int = 2, strides: Optional[Sequence] = None) -> None:
+                 expand: int = 2, strides: Sequence | None = None) -> None:
         super().__init__()
         self.plan_strides = fixed_plan_strides("SegResMamba", self.deep_supervision_scales, (ENCODER_STRIDE,) * 3,
                                                strides)
@@ -192,16 +192,16 @@ class SegResMamba(SegmentationNetwork):
         self.keys_to_in_proj = ("encoder.stem",)
 
     @classmethod
-    def output_shapes(cls, spatial_shape: Sequence[int]) -> List[Tuple[int, ...]]:
+    def output_shapes(cls, spatial_shape: Sequence[int]) -> list[tuple[int, ...]]:
         """Spatial shapes of the deep-supervision outputs for a patch: nnU-Net's target sizes for our scales."""
         return scaled_shapes(spatial_shape, cls.deep_supervision_scales)
 
-    def _check_spatial(self, spatial: Tuple[int, ...]) -> None:
+    def _check_spatial(self, spatial: tuple[int, ...]) -> None:
         if self.training and max(spatial) <= 2 * ENCODER_STRIDE:
             # the deepest CMMB instance-normalises a map at 1/32 of the padded patch, one voxel below this size
             raise ValueError(f"SegResMamba trains on patches larger than {2 * ENCODER_STRIDE} voxels along at least "
                              f"one axis, got {spatial}")
 
-    def _forward_padded(self, x: torch.Tensor) -> List[torch.Tensor]:
+    def _forward_padded(self, x: torch.Tensor) -> list[torch.Tensor]:
         skips = self.encoder(x)
         return self.decoder([adapter(s) for adapter, s in zip(self.adapters, skips)])

@@ -21,7 +21,7 @@ Their ImageNet encoder weights (VMamba-Tiny v0): :mod:`.vmamba_weights`.
 from __future__ import annotations
 
 from collections import OrderedDict
-from typing import List, Optional, Sequence
+from collections.abc import Sequence
 
 import torch
 from dynamic_network_architectures.initialization.weight_init import InitWeights_He
@@ -38,7 +38,7 @@ def _nest(name: str, module: nn.Module) -> nn.Sequential:
     return nn.Sequential(OrderedDict([(name, module)]))
 
 
-def _stage_dims(embed_dim: int, n_stages: int) -> List[int]:
+def _stage_dims(embed_dim: int, n_stages: int) -> list[int]:
     # VMamba doubles the channels at every patch merging
     return [embed_dim * 2 ** i for i in range(n_stages)]
 
@@ -55,7 +55,7 @@ class UnetResBlock(nn.Module):
         self.lrelu = nn.LeakyReLU(0.01, inplace=True)
         self.norm1 = nn.InstanceNorm2d(out_channels)
         self.norm2 = nn.InstanceNorm2d(out_channels)
-        self.conv3: Optional[nn.Module] = None
+        self.conv3: nn.Module | None = None
         if in_channels != out_channels:
             self.conv3 = _nest("conv", nn.Conv2d(in_channels, out_channels, 1, bias=False))
             self.norm3 = nn.InstanceNorm2d(out_channels)
@@ -102,7 +102,7 @@ class _SwinUMambaBase(SegmentationNetwork):
     patch_embed_reads_image: bool
 
     def __init__(self, input_channels: int, num_classes: int, total_stride: int,
-                 deep_supervision_scales: Sequence[float], strides: Optional[Sequence] = None) -> None:
+                 deep_supervision_scales: Sequence[float], strides: Sequence | None = None) -> None:
         super().__init__()
         check_positive_ints(input_channels=input_channels, num_classes=num_classes)
         self.input_channels = input_channels
@@ -112,7 +112,7 @@ class _SwinUMambaBase(SegmentationNetwork):
         self.plan_strides = fixed_plan_strides(type(self).__name__, self.deep_supervision_scales,
                                                (total_stride, total_stride), strides)
 
-    def pretrained_encoder_parameters(self) -> List[nn.Parameter]:
+    def pretrained_encoder_parameters(self) -> list[nn.Parameter]:
         """The ImageNet-initialised encoder parameters that the original trainers keep frozen in the first epochs
         (all of the VMamba encoder except its patch embedding)."""
         return [p for name, p in self.vssm_encoder.named_parameters() if not name.startswith("patch_embed.")]
@@ -133,7 +133,7 @@ class SwinUMamba(_SwinUMambaBase):
 
     def __init__(self, input_channels: int, num_classes: int, deep_supervision: bool = False,
                  depths: Sequence[int] = (2, 2, 9, 2), embed_dim: int = 96, stem_channels: int = 48,
-                 d_state: int = 16, drop_path_rate: float = 0.2, strides: Optional[Sequence] = None) -> None:
+                 d_state: int = 16, drop_path_rate: float = 0.2, strides: Sequence | None = None) -> None:
         if len(depths) != 4:
             raise ValueError(f"Swin-UMamba has four VSS stages; depths must have 4 entries, got {list(depths)}")
         super().__init__(input_channels, num_classes, total_stride=32, deep_supervision_scales=(1, 1 / 2, 1 / 4, 1 / 8),
@@ -161,7 +161,7 @@ class SwinUMamba(_SwinUMambaBase):
         self.key_to_stem = "stem"
         self.keys_to_in_proj = ("stem.0", "encoder1.layer.conv1.conv", "encoder1.layer.conv3.conv")
 
-    def _forward_padded(self, x: torch.Tensor) -> List[torch.Tensor]:
+    def _forward_padded(self, x: torch.Tensor) -> list[torch.Tensor]:
         stem = self.stem(x)
         stages = [s.permute(0, 3, 1, 2) for s in self.vssm_encoder(stem)]  # 1/4 .. 1/32, channels-first
         skip1, skip2 = self.encoder1(x), self.encoder2(stem)
@@ -206,7 +206,7 @@ class MambaDecoder(nn.Module):
         self.seg_layers = nn.ModuleList(seg_layers)
         self.concat_back_dim = nn.ModuleList(concat_back_dim)
 
-    def forward(self, skips: List[torch.Tensor]) -> List[torch.Tensor]:
+    def forward(self, skips: list[torch.Tensor]) -> list[torch.Tensor]:
         x = skips[-1]
         last = len(self.stages) - 1
         outputs = []
@@ -231,7 +231,7 @@ class SwinUMambaD(_SwinUMambaBase):
     def __init__(self, input_channels: int, num_classes: int, deep_supervision: bool = False,
                  depths: Sequence[int] = (2, 2, 9, 2), embed_dim: int = 96, d_state: int = 16,
                  drop_path_rate: float = 0.2, decoder_drop_path_rate: float = 0.2,
-                 strides: Optional[Sequence] = None) -> None:
+                 strides: Sequence | None = None) -> None:
         if len(depths) < 2:
             raise ValueError(f"Swin-UMamba-dagger needs at least two VSS stages, got depths={list(depths)}")
         n = len(depths)
@@ -246,5 +246,5 @@ class SwinUMambaD(_SwinUMambaBase):
         self.key_to_stem = "vssm_encoder.patch_embed"
         self.keys_to_in_proj = ("vssm_encoder.patch_embed.proj",)
 
-    def _forward_padded(self, x: torch.Tensor) -> List[torch.Tensor]:
+    def _forward_padded(self, x: torch.Tensor) -> list[torch.Tensor]:
         return self.decoder(self.vssm_encoder(x))

@@ -15,7 +15,7 @@ Faithful to the original, including what its state dicts record (see ``docs`` in
 from __future__ import annotations
 
 import math
-from typing import List, Optional, Sequence, Tuple, Type, Union
+from collections.abc import Sequence
 
 import numpy as np
 import torch
@@ -27,16 +27,16 @@ from ..layers.blocks import as_tuple
 from .base import SegmentationNetwork, per_stage
 from .registry import register_network
 
-IntOrSeq = Union[int, Sequence[int]]
+IntOrSeq = int | Sequence[int]
 
 
 class UMambaEncoder(nn.Module):
     """Residual encoder: a stem at full resolution, then ``n_stages`` strided stages; optional Mamba layers."""
 
-    def __init__(self, input_channels: int, features_per_stage: List[int], conv_op: Type[_ConvNd],
-                 kernel_sizes: list, strides: list, n_blocks_per_stage: List[int], conv_bias: bool, norm_op,
+    def __init__(self, input_channels: int, features_per_stage: list[int], conv_op: type[_ConvNd],
+                 kernel_sizes: list, strides: list, n_blocks_per_stage: list[int], conv_bias: bool, norm_op,
                  norm_op_kwargs, dropout_op, dropout_op_kwargs, nonlin, nonlin_kwargs,
-                 mamba_layers: Optional[List[Optional[MambaLayer]]] = None) -> None:
+                 mamba_layers: list[MambaLayer | None] | None = None) -> None:
         super().__init__()
         common = dict(conv_bias=conv_bias, norm_op=norm_op, norm_op_kwargs=norm_op_kwargs, dropout_op=dropout_op,
                       dropout_op_kwargs=dropout_op_kwargs, nonlin=nonlin, nonlin_kwargs=nonlin_kwargs)
@@ -55,7 +55,7 @@ class UMambaEncoder(nn.Module):
         self.strides = [as_tuple(s, conv_dim(conv_op)) for s in strides]
         self.kernel_sizes = kernel_sizes
 
-    def forward(self, x: torch.Tensor) -> List[torch.Tensor]:
+    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
         x = self.stem(x)
         skips = []
         for s, stage in enumerate(self.stages):
@@ -69,8 +69,8 @@ class UMambaEncoder(nn.Module):
 class UMambaDecoder(nn.Module):
     """Nearest upsampling + 1x1 conv, concatenation with the skip, residual blocks, and 1x1 segmentation heads."""
 
-    def __init__(self, encoder: UMambaEncoder, conv_op: Type[_ConvNd], num_classes: int,
-                 n_blocks_per_stage: List[int], deep_supervision: bool, last_stage_skip: bool, conv_bias: bool,
+    def __init__(self, encoder: UMambaEncoder, conv_op: type[_ConvNd], num_classes: int,
+                 n_blocks_per_stage: list[int], deep_supervision: bool, last_stage_skip: bool, conv_bias: bool,
                  norm_op, norm_op_kwargs, dropout_op, dropout_op_kwargs, nonlin, nonlin_kwargs) -> None:
         super().__init__()
         self.deep_supervision = deep_supervision
@@ -91,7 +91,7 @@ class UMambaDecoder(nn.Module):
         self.upsample_layers = nn.ModuleList(upsample)
         self.seg_layers = nn.ModuleList(heads)
 
-    def forward(self, skips: List[torch.Tensor]) -> Union[torch.Tensor, List[torch.Tensor]]:
+    def forward(self, skips: list[torch.Tensor]) -> torch.Tensor | list[torch.Tensor]:
         x = skips[-1]
         outputs = []
         last = len(self.stages) - 1
@@ -111,16 +111,16 @@ class UMamba(SegmentationNetwork):
 
     placement: str = "bottleneck"
 
-    def __init__(self, input_channels: int, n_stages: int, features_per_stage: Union[int, Sequence[int]],
-                 conv_op: Type[_ConvNd], kernel_sizes: Union[IntOrSeq, Sequence[IntOrSeq]],
-                 strides: Union[IntOrSeq, Sequence[IntOrSeq]], n_conv_per_stage: Union[int, Sequence[int]],
-                 num_classes: int, n_conv_per_stage_decoder: Union[int, Sequence[int]], conv_bias: bool = False,
-                 norm_op: Optional[Type[nn.Module]] = None, norm_op_kwargs: Optional[dict] = None,
-                 dropout_op: Optional[Type[nn.Module]] = None, dropout_op_kwargs: Optional[dict] = None,
-                 nonlin: Optional[Type[nn.Module]] = None, nonlin_kwargs: Optional[dict] = None,
-                 deep_supervision: bool = False, input_size: Optional[Sequence[int]] = None,
-                 d_state: int = 16, d_conv: int = 4, expand: int = 2, last_stage_skip: Optional[bool] = None,
-                 mamba_stages: Optional[Sequence[bool]] = None) -> None:
+    def __init__(self, input_channels: int, n_stages: int, features_per_stage: int | Sequence[int],
+                 conv_op: type[_ConvNd], kernel_sizes: IntOrSeq | Sequence[IntOrSeq],
+                 strides: IntOrSeq | Sequence[IntOrSeq], n_conv_per_stage: int | Sequence[int],
+                 num_classes: int, n_conv_per_stage_decoder: int | Sequence[int], conv_bias: bool = False,
+                 norm_op: type[nn.Module] | None = None, norm_op_kwargs: dict | None = None,
+                 dropout_op: type[nn.Module] | None = None, dropout_op_kwargs: dict | None = None,
+                 nonlin: type[nn.Module] | None = None, nonlin_kwargs: dict | None = None,
+                 deep_supervision: bool = False, input_size: Sequence[int] | None = None,
+                 d_state: int = 16, d_conv: int = 4, expand: int = 2, last_stage_skip: bool | None = None,
+                 mamba_stages: Sequence[bool] | None = None) -> None:
         super().__init__()
         dim = conv_dim(conv_op)
         if norm_op is None or nonlin is None:
@@ -208,7 +208,7 @@ class UMamba(SegmentationNetwork):
             if module.bias is not None:
                 nn.init.zeros_(module.bias)
 
-    def _check_spatial(self, spatial: Tuple[int, ...]) -> None:
+    def _check_spatial(self, spatial: tuple[int, ...]) -> None:
         # not padded, as in the original: U-Mamba takes multiples of the total stride only
         if any(s % t for s, t in zip(spatial, self.total_stride)):
             raise ValueError(f"spatial size {spatial} must be divisible by the total stride {self.total_stride} "
@@ -221,7 +221,7 @@ class UMamba(SegmentationNetwork):
             raise ValueError(f"{type(self).__name__} was built for input_size={self.input_size} (its channel-token "
                              f"Mamba layers depend on it), got {spatial}")
 
-    def forward(self, x: torch.Tensor) -> Union[torch.Tensor, List[torch.Tensor]]:
+    def forward(self, x: torch.Tensor) -> torch.Tensor | list[torch.Tensor]:
         self.check_input(x)
         skips = self.encoder(x)
         if self.placement == "bottleneck":

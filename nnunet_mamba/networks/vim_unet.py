@@ -79,7 +79,7 @@ from __future__ import annotations
 
 import math
 from collections import OrderedDict
-from typing import List, Optional, Sequence, Tuple, Type
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -140,7 +140,7 @@ class ViMEncoder(nn.Module):
     ``head`` is dropped (and ``pos_embed`` is resampled if its grid differs).
     """
 
-    def __init__(self, input_channels: int, embed_dim: int, depth: int, grid_size: Tuple[int, int],
+    def __init__(self, input_channels: int, embed_dim: int, depth: int, grid_size: tuple[int, int],
                  drop_path_rate: float, configuration: str = "paper") -> None:
         super().__init__()
         if configuration not in VIM_CONFIGURATIONS:
@@ -173,7 +173,7 @@ class ViMEncoder(nn.Module):
             for layer in self.layers:
                 layer.mixer.out_proj.weight /= math.sqrt(depth)
 
-    def cls_index(self, patches: int) -> Optional[int]:
+    def cls_index(self, patches: int) -> int | None:
         """Where the class token sits in a sequence of ``patches`` patch tokens (torch-em: 0, or M // 2)."""
         return {None: None, "first": 0, "middle": patches // 2}[self.cls_position]
 
@@ -260,7 +260,7 @@ class ViMUNetDecoder(nn.Module):
         self.stages = nn.ModuleList([InstanceNormConvBlock(2 * c, c) for c in up_channels])
         self.seg_layers = nn.ModuleList([nn.Conv2d(c, num_classes, kernel_size=1) for c in up_channels])
 
-    def forward(self, embedding: torch.Tensor) -> List[torch.Tensor]:
+    def forward(self, embedding: torch.Tensor) -> list[torch.Tensor]:
         """Segmentations of the padded input, highest resolution first (only the full-resolution one without DS)."""
         side, skips = embedding, []
         for block in self.side_blocks:
@@ -290,14 +290,14 @@ class ViMUNet(SegmentationNetwork):
 
     # Output scales under deep supervision, highest resolution first; what a trainer's
     # ``_get_deep_supervision_scales`` must return for this network (see the module docstring).
-    deep_supervision_scales: Tuple[Tuple[float, float], ...] = ((1.0, 1.0), (0.5, 0.5), (0.25, 0.25), (0.125, 0.125))
+    deep_supervision_scales: tuple[tuple[float, float], ...] = ((1.0, 1.0), (0.5, 0.5), (0.25, 0.25), (0.125, 0.125))
     only_dim = dim = 2
     total_stride = PATCH_SIZE
 
     def __init__(self, input_channels: int, num_classes: int, deep_supervision: bool = False,
-                 input_size: Optional[Sequence[int]] = None, embed_dim: int = 192, depth: int = 24,
-                 drop_path_rate: float = 0.1, conv_op: Optional[Type[nn.Module]] = None,
-                 strides: Optional[Sequence] = None, configuration: str = "paper") -> None:
+                 input_size: Sequence[int] | None = None, embed_dim: int = 192, depth: int = 24,
+                 drop_path_rate: float = 0.1, conv_op: type[nn.Module] | None = None,
+                 strides: Sequence | None = None, configuration: str = "paper") -> None:
         super().__init__()
         if conv_op is not None and conv_dim(conv_op) != 2:
             raise ValueError(f"ViM-UNet is 2D only (Vision Mamba patch embedding and 2D decoder); got conv_op="
@@ -322,10 +322,10 @@ class ViMUNet(SegmentationNetwork):
         self.keys_to_in_proj = ("encoder.patch_embed.proj",)
         self.key_to_lpe = "encoder.pos_embed"
 
-    def _check_spatial(self, spatial: Tuple[int, ...]) -> None:
+    def _check_spatial(self, spatial: tuple[int, ...]) -> None:
         if math.ceil(spatial[0] / PATCH_SIZE) * math.ceil(spatial[1] / PATCH_SIZE) < 2:
             raise ValueError(f"spatial size {spatial} gives a single {PATCH_SIZE}x{PATCH_SIZE} patch; the decoder's "
                              "instance norms need at least two")
 
-    def _forward_padded(self, x: torch.Tensor) -> List[torch.Tensor]:
+    def _forward_padded(self, x: torch.Tensor) -> list[torch.Tensor]:
         return self.decoder(self.encoder(x))

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
-from typing import Dict, List, Mapping
+from collections.abc import Mapping
 
 import torch
 from timm.models import adapt_input_conv
@@ -42,11 +42,11 @@ class EncoderLoadReport:
     """What :func:`load_vmamba_encoder` did. Keys of ``loaded``/``adapted``/``missing`` are the network's,
     keys of ``skipped``/``unexpected`` the checkpoint's."""
 
-    loaded: List[str] = field(default_factory=list)
-    adapted: List[str] = field(default_factory=list)  # loaded after adapting the input channels (in ``loaded``)
-    skipped: Dict[str, str] = field(default_factory=dict)  # checkpoint key -> why it was left out
-    unexpected: List[str] = field(default_factory=list)  # checkpoint keys the encoder has no place for
-    missing: List[str] = field(default_factory=list)  # encoder keys the checkpoint did not provide
+    loaded: list[str] = field(default_factory=list)
+    adapted: list[str] = field(default_factory=list)  # loaded after adapting the input channels (in ``loaded``)
+    skipped: dict[str, str] = field(default_factory=dict)  # checkpoint key -> why it was left out
+    unexpected: list[str] = field(default_factory=list)  # checkpoint keys the encoder has no place for
+    missing: list[str] = field(default_factory=list)  # encoder keys the checkpoint did not provide
 
 
 def _encoder_key(checkpoint_key: str) -> str:
@@ -95,7 +95,7 @@ def load_vmamba_encoder(network: _SwinUMambaBase, checkpoint_state_dict: Mapping
         state = state["model"]
     targets = {k: v for k, v in network.state_dict(keep_vars=True).items() if k.startswith("vssm_encoder.")}
     report = EncoderLoadReport()
-    pending: Dict[str, torch.Tensor] = {}
+    pending: dict[str, torch.Tensor] = {}
     mismatched = []
     kernel = state.get(f"{_FIRST_CONV}.weight")
     channels = targets[f"vssm_encoder.{_FIRST_CONV}.weight"].shape[1]

@@ -14,12 +14,12 @@ from dataclasses import dataclass
 from functools import lru_cache
 from importlib.resources import files
 from pathlib import Path
-from typing import TYPE_CHECKING, Dict, Optional, Tuple, Union
+from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     import torch
 
-PathLike = Union[str, Path]
+PathLike = str | Path
 WEIGHTS_DIR_ENV = "NNUNET_MAMBA_WEIGHTS"
 
 
@@ -29,27 +29,27 @@ class PretrainedSpec:
 
     name: str
     file_name: str
-    urls: Tuple[str, ...]
+    urls: tuple[str, ...]
     manifest: str  # file under nnunet_mamba/data/: a JSON list of [key, shape] pairs of the weights
-    sha256: Optional[str] = None  # pinned once known; until then files are checked by their layout only
+    sha256: str | None = None  # pinned once known; until then files are checked by their layout only
     # digests reported elsewhere for some upload of the file, not verified here: shown, never enforced
-    reported_sha256: Tuple[str, ...] = ()
+    reported_sha256: tuple[str, ...] = ()
     model_key: str = "model"  # the weights' entry in the checkpoint dict; other entries are ignored
-    inert_globals: Tuple[str, ...] = ()  # classes pickled beside the weights, loaded as plain dicts
+    inert_globals: tuple[str, ...] = ()  # classes pickled beside the weights, loaded as plain dicts
     description: str = ""
     # what a network does with them (timm's pretrained_cfg): the convolution that reads the image (adapted to other
     # input channels) and the classifier's keys (never loaded into a segmentation network)
     first_conv: str = ""
-    classifier: Tuple[str, ...] = ()
+    classifier: tuple[str, ...] = ()
 
     @property
-    def expected_shapes(self) -> Dict[str, Tuple[int, ...]]:
+    def expected_shapes(self) -> dict[str, tuple[int, ...]]:
         """Expected state-dict keys (in checkpoint order) and their shapes."""
         return dict(_load_manifest(self.manifest))
 
 
 @lru_cache(maxsize=None)
-def _load_manifest(manifest: str) -> Dict[str, Tuple[int, ...]]:
+def _load_manifest(manifest: str) -> dict[str, tuple[int, ...]]:
     pairs = json.loads(files("nnunet_mamba").joinpath("data", manifest).read_text())
     return {key: tuple(shape) for key, shape in pairs}
 
@@ -60,14 +60,14 @@ def default_weights_dir() -> Path:
     return Path(env).expanduser() if env else Path.home() / ".cache" / "nnunet_mamba"
 
 
-def weights_file(spec: PretrainedSpec, weights_dir: Optional[PathLike] = None) -> Path:
+def weights_file(spec: PretrainedSpec, weights_dir: PathLike | None = None) -> Path:
     """Where the weights ``spec`` live (whether or not they are there yet)."""
     folder = Path(weights_dir).expanduser() if weights_dir is not None else default_weights_dir()
     return folder / spec.file_name
 
 
-def verify_checkpoint(path: PathLike, spec: PretrainedSpec, trust_pickle: Optional[bool] = None,
-                      label: Optional[str] = None) -> Dict[str, torch.Tensor]:
+def verify_checkpoint(path: PathLike, spec: PretrainedSpec, trust_pickle: bool | None = None,
+                      label: str | None = None) -> dict[str, torch.Tensor]:
     """Load ``path`` and return its ``spec.model_key`` state dict if that has exactly the expected keys and shapes.
 
     Other top-level entries are tolerated. The file is loaded with ``weights_only=True``; ``trust_pickle`` allows
@@ -100,8 +100,8 @@ def verify_checkpoint(path: PathLike, spec: PretrainedSpec, trust_pickle: Option
     return state_dict
 
 
-def load_state_dict(spec: PretrainedSpec, weights_dir: Optional[PathLike] = None,
-                    trust_pickle: Optional[bool] = None) -> Dict[str, torch.Tensor]:
+def load_state_dict(spec: PretrainedSpec, weights_dir: PathLike | None = None,
+                    trust_pickle: bool | None = None) -> dict[str, torch.Tensor]:
     """The verified state dict of the pretrained weights ``spec``; ``FileNotFoundError`` (saying how to get them)
     if they have not been downloaded. ``trust_pickle=None`` follows ``$NNUNET_MAMBA_TRUST_PICKLE``: a file installed
     with ``--trust-pickle`` loads in ``nnUNetv2_train`` with ``NNUNET_MAMBA_TRUST_PICKLE=1``."""
