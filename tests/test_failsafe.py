@@ -118,11 +118,10 @@ def test_sigterm_during_download_leaves_nothing(tmp_path):
     folder = tmp_path / "weights"
     script = (
         "import dataclasses, sys\n"
-        "from nnunet_mamba import pretrained\n"
         "from nnunet_mamba.cli import main\n"
-        "spec = pretrained.get_pretrained_spec('vmamba-tiny')\n"
-        f"pretrained.register_pretrained(dataclasses.replace(spec, name='slow', "
-        f"urls=('http://127.0.0.1:{server.server_port}/w.pth',)))\n"
+        "from nnunet_mamba.networks import VMAMBA_TINY, load_vmamba_encoder, register_pretrained\n"
+        f"register_pretrained('swin_umamba', dataclasses.replace(VMAMBA_TINY, name='slow', "
+        f"urls=('http://127.0.0.1:{server.server_port}/w.pth',)), load_vmamba_encoder)\n"
         f"sys.exit(main(['download-weights', 'slow', '--dir', {str(folder)!r}]))\n")
     process = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                text=True)
@@ -211,7 +210,7 @@ def test_prediction_refuses_nan_input():
     from test_trainers import plans_for
 
     from nnunet_mamba.trainers import nnUNetTrainerUMambaBot
-    from nnunet_mamba.trainers.base import refuse_nan_input
+    from nnunet_mamba.networks.base import refuse_nan_input
 
     manager = PlansManager(plans_for("umamba_bot_2d_plan320", (320, 320)))
     network = nnUNetTrainerUMambaBot.build_network_architecture(manager, manager.get_configuration("cfg"), 1, 3,

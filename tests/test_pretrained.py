@@ -18,13 +18,21 @@ import torch
 from nnunet_mamba import pretrained
 from nnunet_mamba.checkpoints import CheckpointError
 from nnunet_mamba.cli import main as cli_main
-from nnunet_mamba.pretrained import (WEIGHTS_DIR_ENV, DownloadError, download_weights, get_pretrained_spec,
-                                     load_pretrained_state_dict, verify_checkpoint, weights_path)
+from nnunet_mamba.networks import create_network, get_network_spec, get_pretrained_spec
+from nnunet_mamba.networks.weights import WEIGHTS_DIR_ENV, verify_checkpoint
+from nnunet_mamba.pretrained import DownloadError, download_weights, load_pretrained_state_dict, weights_path
 
 REPO = Path(__file__).resolve().parents[1]
 REFERENCE = json.loads((REPO / "tests/reference/vmamba_tiny_v0_checkpoint.json").read_text())
 NAME = "vmamba-tiny"
 SPEC = get_pretrained_spec(NAME)
+
+
+def use_spec(monkeypatch, spec) -> None:
+    """Let the networks that take the weights know them as ``spec`` for this test."""
+    for network in ("swin_umamba", "swin_umamba_d"):
+        attached = get_network_spec(network).pretrained
+        monkeypatch.setitem(attached, NAME, dataclasses.replace(attached[NAME], spec=spec))
 
 
 def sha256(path: Path) -> str:
@@ -87,9 +95,27 @@ def test_from_file_installs_verified_copy(good_file, state_dict, tmp_path, capsy
     assert "already present" in capsys.readouterr().err
 
 
+def test_create_network_loads_the_weights_its_spec_names(good_file, state_dict, tmp_path):
+    folder = tmp_path / "weights"
+    assert cli(NAME, "--from-file", str(good_file), "--dir", str(folder)) == 0
+    assert list(get_network_spec("swin_umamba_d").pretrained) == [NAME]
+    network = create_network("swin_umamba_d", pretrained=True, weights_dir=folder, input_channels=3, num_classes=2)
+    key = "layers.0.blocks.0.self_attention.x_proj_weight"
+    assert torch.equal(network.state_dict()[f"vssm_encoder.{key}"], state_dict[key])
+    assert SPEC.first_conv == "patch_embed.proj" and "head.weight" in SPEC.classifier
+    with pytest.raises(ValueError, match="takes the pretrained weights vmamba-tiny, not 'other'"):
+        create_network("swin_umamba_d", pretrained="other", weights_dir=folder, input_channels=3, num_classes=2)
+    with pytest.raises(ValueError, match="has no pretrained weights"):
+        create_network("segresmamba", pretrained=True, input_channels=1, num_classes=2, encoder_width=4,
+                       decoder_width=4)
+    with pytest.raises(FileNotFoundError, match="nnunet-mamba download-weights vmamba-tiny"):
+        create_network("swin_umamba", pretrained=True, weights_dir=tmp_path / "empty", input_channels=1,
+                       num_classes=2)
+
+
 def test_download_tries_each_url(good_file, tmp_path, monkeypatch, capsys):
     missing = (tmp_path / "missing.pth").as_uri()
-    monkeypatch.setitem(pretrained._REGISTRY, NAME, dataclasses.replace(SPEC, urls=(missing, good_file.as_uri())))
+    use_spec(monkeypatch, dataclasses.replace(SPEC, urls=(missing, good_file.as_uri())))
     path = download_weights(NAME, weights_dir=tmp_path / "w", progress=False)
     assert path == tmp_path / "w" / SPEC.file_name and sha256(path) == sha256(good_file)
     assert [p.name for p in (tmp_path / "w").iterdir()] == [SPEC.file_name]
@@ -101,7 +127,7 @@ def test_download_with_no_good_url_names_each_failure(good_file, tmp_path, monke
     truncated = tmp_path / "truncated.pth"
     truncated.write_bytes(good_file.read_bytes()[:1_000_000])
     urls = ((tmp_path / "missing.pth").as_uri(), truncated.as_uri())
-    monkeypatch.setitem(pretrained._REGISTRY, NAME, dataclasses.replace(SPEC, urls=urls))
+    use_spec(monkeypatch, dataclasses.replace(SPEC, urls=urls))
     with pytest.raises(DownloadError) as info:
         download_weights(NAME, weights_dir=tmp_path / "w", progress=False)
     message = str(info.value)
@@ -111,11 +137,11 @@ def test_download_with_no_good_url_names_each_failure(good_file, tmp_path, monke
 
 def test_pinned_sha256_is_enforced(good_file, tmp_path, monkeypatch):
     good = sha256(good_file)
-    monkeypatch.setitem(pretrained._REGISTRY, NAME, dataclasses.replace(SPEC, urls=(good_file.as_uri(),), sha256=good))
+    use_spec(monkeypatch, dataclasses.replace(SPEC, urls=(good_file.as_uri(),), sha256=good))
     assert sha256(download_weights(NAME, weights_dir=tmp_path / "ok", progress=False)) == good
 
     wrong = "0" * 64
-    monkeypatch.setitem(pretrained._REGISTRY, NAME, dataclasses.replace(SPEC, urls=(good_file.as_uri(),), sha256=wrong))
+    use_spec(monkeypatch, dataclasses.replace(SPEC, urls=(good_file.as_uri(),), sha256=wrong))
     with pytest.raises(DownloadError, match="invalid hash value"):
         download_weights(NAME, weights_dir=tmp_path / "url", progress=False)
     assert_nothing_installed(tmp_path / "url")

@@ -9,7 +9,8 @@ from conftest import load_manifest
 from nnunet_mamba.checkpoints import convert_swin_umamba_state_dict
 from nnunet_mamba.layers.vss import SS2D, FinalPatchExpand_X4, PatchExpand, PatchMerging2D
 from nnunet_mamba.networks import create_network, get_network_spec
-from nnunet_mamba.networks.swin_umamba import SwinUMamba, SwinUMambaD, load_vmamba_encoder  # registers both
+from nnunet_mamba.networks.swin_umamba import SwinUMamba, SwinUMambaD  # registers both
+from nnunet_mamba.networks.vmamba_weights import load_vmamba_encoder
 from nnunet_mamba.ops.selective_scan import selective_scan_reference
 
 MANIFESTS = {

@@ -149,8 +149,8 @@ def run(args: argparse.Namespace) -> int:
             passes[-1].append(measure(name, plan, batches[name], args.classes, device, args.steps, args.warmup,
                                       args.compile, args.profile))
             row = passes[-1][-1]
-            shown = [f"{dict(COLUMNS)[k]} {format_cell(k, row[k])}" for k in ("params", "step_ms", "peak_gib", "infer_ms")
-                     if k in row]
+            shown = [f"{dict(COLUMNS)[k]} {format_cell(k, row[k])}"
+                     for k in ("params", "step_ms", "peak_gib", "infer_ms") if k in row]
             print(", ".join(shown) + (f" (pass {number + 1}/{args.repeats})" if args.repeats > 1 else ""), flush=True)
             if device.type == "cuda":
                 torch.cuda.empty_cache()  # the previous network is gone; start the next from a clean pool

@@ -6,8 +6,9 @@ import sys
 from pathlib import Path
 
 from ..checkpoints import TRUST_PICKLE_ENV, CheckpointError
-from ..pretrained import (WEIGHTS_DIR_ENV, DownloadError, download_weights, file_sha256, get_pretrained_spec,
-                          list_pretrained, weights_path)
+from ..networks import get_pretrained_spec, list_pretrained
+from ..networks.weights import WEIGHTS_DIR_ENV
+from ..pretrained import DownloadError, download_weights, file_sha256, weights_path
 from .options import add_trust_pickle_option, trust_pickle
 
 COMMAND = "download-weights"

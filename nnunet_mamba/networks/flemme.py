@@ -13,43 +13,9 @@ Encoders (blocks: :mod:`nnunet_mamba.layers.flemme`; ``building_block`` picks th
     swinu    SwinBlock (or ResSwinBlock, a W-MSA + SW-MSA pair): patch embedding, patch merging / expanding
     mambau   MambaBlock (or ResMambaBlock): as swinu, with Mamba cross scans instead of window attention
 
-Module tree (C0 = patch width, C1..Cn = level widths, M = middle width; strides: p = patch, s_i)
-    encoder.patch_embed    conv family: conv k=2p-p%2, stride p (C_in -> C0); token family: conv k = stride = p
-    encoder.stages[i]      ``num_blocks`` blocks C_{i} -> C_{i+1} at level i (resolution 1 / (p s_1 .. s_i))
-    encoder.downsamples[i] conv family: conv k=2s-s%2, stride s_{i+1}; token family: patch merging (+ LayerNorm)
-    encoder.middle[j]      ``middle_depth`` groups of ``num_blocks`` blocks at the bottleneck (C_n -> M -> M)
-    decoder.upsamples[i]   conv family: transposed conv; token family: patch expanding (+ LayerNorm); into the skip
-                           width (U-Nets), keeping the width (resnet)
-    decoder.stages[i]      ``num_blocks`` blocks on the concatenation [skip, upsampled] (resnet: the upsampled map)
-    decoder.seg_layers.recovery  conv family: transposed conv k=2p-p%2, stride p to the classes; token family: patch
-                           expanding by p (width kept, no norm) + 1x1 conv to the classes
-    H-SeM only:
-    side_blocks[j]         on the bottleneck and every decoder stage: ResConvBlock (conv family) or MambaBlock
-                           (token family, also for swinu, as the original); with the network's norm / LayerNorm
-                           (the original passes its side blocks a keyword they ignore: batch norm / no norm)
-    decoder.seg_layers.sides[j]  1x1 conv to the classes (the original pads these by 1, growing each side output by 2
-                           voxels per axis; here no padding)
-    decoder.seg_layers.combination  CombinationLayer (paper Eq. 12): [final prediction, sides] resized to the patch,
-                           + learnable position encoding, concatenated, 1x1 conv
-    Every layer that depends on the number of classes is under ``decoder.seg_layers``, which nnU-Net's
-    ``-pretrained_weights`` leaves out.
-
-nnU-Net plans -> Flemme sizes (S = n_stages >= 3; sized by the plans' stages and widths, the paper's defaults
-for everything the plans do not say)
-    patch channels      features_per_stage[0]
-    patch stride        strides[0] * strides[1]                 (per axis; the first down-sampling)
-    level widths        features_per_stage[1 : S - 1]          (Flemme's down_channels)
-    level strides       strides[2:]                             (down-sampling after each level)
-    middle widths       [features_per_stage[-1]] * middle_depth (Flemme's middle_channels; middle_depth = 2)
-    conv kernels        kernel_sizes[i + 1] at level i, kernel_sizes[-1] in the middle (conv family; default 3)
-    norm / nonlin       the plans' norm_op / nonlin in conv blocks (nnU-Net: instance norm, LeakyReLU), else
-                        batch norm and ReLU (the paper's); token blocks always use LayerNorm and SiLU (Flemme's)
-    num_blocks          2 (per stage, the paper's; nnU-Net's n_conv_per_stage is not used)
-    swin                num_heads 3, window 8 per axis in 2D, 4 in 3D (8^3 = 512-token windows are too costly
-                        for nnU-Net's 3D patches), mlp_ratio 4; mamba: scan 'single', no flip, d_state ceil(C/6)
-    drop_path_rate      0.1 (token blocks), rising linearly over the encoder, falling over the decoder
-So nnU-Net's 2D default [32, 64, 128, 256, 512, 512, 512] with strides 2 gives patch 32 at 1/2, levels
-[64, 128, 256, 512, 512], middle [512, 512], total stride 64. The paper's Table III configuration (features
+Sizes from the plans: :mod:`.flemme_layout`; the module tree: :mod:`.flemme_parts`. So nnU-Net's 2D default
+[32, 64, 128, 256, 512, 512, 512] with strides 2 gives patch 32 at 1/2, levels [64, 128, 256, 512, 512], middle
+[512, 512], total stride 64. The paper's Table III configuration (features
 [32, 64, 128, 256], strides 2: patch embedding x2 with 32 channels, down [64, 128], middle [256, 256]) is
 :func:`flemme_table3`; its SeM parameter counts equal the original's exactly (``TABLE3_PARAMETERS``; the
 per-module breakdown, with the original's module names, is in tests/reference/flemme_table3.json). The original
@@ -74,18 +40,16 @@ grid, where every side upsamples exactly (nearest) to the full resolution.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
-from dynamic_network_architectures.architectures.abstract_arch import AbstractDynamicNetworkArchitectures
 from torch import nn
 from torch.nn.modules.conv import _ConvNd
 
 from ..layers.blocks import as_tuple, conv_dim
-from ..layers.flemme import (CombinationLayer, ConvBlock, MambaBlock, PatchEmbedding, PatchExpanding,
-                             PatchMerging, PatchRecovery, ResConvBlock, ResMambaBlock, ResSwinBlock, SwinBlock,
-                             strided_conv)
+from ..layers.flemme import CombinationLayer
+from .base import SegmentationNetwork, check_positive_ints
+from .flemme_layout import FlemmeLayout
+from .flemme_parts import ConvParts, FlemmeDecoder, FlemmeEncoder, MambaParts, SwinParts, stage
 from .registry import create_network, register_network
 
 ENCODERS = ("resnet", "unet", "cattenu", "swinu", "mambau")
@@ -96,205 +60,8 @@ BUILDING_BLOCKS = {"resnet": ("res_conv", "conv"), "unet": ("conv", "res_conv"),
 # Table III of the paper, counted on the original (first public release; see the module docstring).
 TABLE3_PARAMETERS = {"unet": 3_884_193, "swinu": 4_383_570, "mambau": 5_536_289}
 
-Output = torch.Tensor | list[torch.Tensor]
 
-
-def _per_stage(value, n_stages: int, name: str) -> list:
-    if not isinstance(value, (list, tuple)) or len(value) != n_stages:
-        raise ValueError(f"{name} must have one entry per stage (n_stages={n_stages}), got {value!r}")
-    return list(value)
-
-
-@dataclass(frozen=True)
-class FlemmeLayout:
-    """Flemme's sizes from nnU-Net's U-Net layout; see the module docstring for the mapping."""
-
-    patch_channels: int
-    patch_stride: tuple[int, ...]
-    level_channels: tuple[int, ...]
-    level_strides: tuple[tuple[int, ...], ...]
-    middle_channels: tuple[int, ...]
-    level_kernels: tuple[tuple[int, ...], ...]
-    middle_kernel: tuple[int, ...]
-
-    @classmethod
-    def from_plans(cls, dim: int, n_stages: int, features_per_stage: Sequence[int], strides: Sequence,
-                   kernel_sizes: Sequence | None, middle_depth: int) -> FlemmeLayout:
-        if n_stages < 3:
-            raise ValueError(f"Flemme networks need n_stages >= 3 (patch embedding, at least one level, the "
-                             f"middle layers), got {n_stages}")
-        if middle_depth < 1:
-            raise ValueError(f"middle_depth must be at least 1, got {middle_depth}")
-        features = _per_stage(features_per_stage, n_stages, "features_per_stage")
-        if any(not isinstance(f, int) or f < 1 for f in features):
-            raise ValueError(f"features_per_stage must be positive integers, got {features}")
-        strides = [as_tuple(s, dim) for s in _per_stage(strides, n_stages, "strides")]
-        kernels = [as_tuple(k, dim) for k in (_per_stage(kernel_sizes, n_stages, "kernel_sizes")
-                                              if kernel_sizes is not None else [3] * n_stages)]
-        for name, values in (("strides", strides), ("kernel_sizes", kernels)):
-            if any(len(v) != dim or min(v) < 1 for v in values):
-                raise ValueError(f"{name} must have {dim} positive entries per stage for {dim}D, got {values}")
-        return cls(patch_channels=features[0],
-                   patch_stride=tuple(a * b for a, b in zip(strides[0], strides[1])),
-                   level_channels=tuple(features[1:-1]),
-                   level_strides=tuple(strides[2:]),
-                   middle_channels=(features[-1],) * middle_depth,
-                   level_kernels=tuple(kernels[1:-1]),
-                   middle_kernel=kernels[-1])
-
-    def level_scales(self) -> list[tuple[int, ...]]:
-        """Cumulative stride of every level, then of the bottleneck (the total stride)."""
-        scales = [self.patch_stride]
-        for stride in self.level_strides:
-            scales.append(tuple(a * b for a, b in zip(scales[-1], stride)))
-        return scales
-
-
-class _ConvParts:
-    """Modules of the convolutional encoders (channels-first maps)."""
-
-    channel_axis = 1
-
-    def __init__(self, conv_op: type[_ConvNd], building_block: str, norm_op, norm_op_kwargs, nonlin, nonlin_kwargs,
-                 attention_heads: int) -> None:
-        self.conv_op = conv_op
-        self.block_class = ConvBlock if building_block == "conv" else ResConvBlock
-        self.norm = {"norm_op": norm_op, "norm_op_kwargs": norm_op_kwargs, "nonlin": nonlin,
-                     "nonlin_kwargs": nonlin_kwargs}
-        self.attention_heads = attention_heads
-
-    def block(self, input_channels: int, output_channels: int, kernel: Sequence[int], index: int,
-              drop_path: float, attention: bool) -> nn.Module:
-        return self.block_class(self.conv_op, input_channels, output_channels, kernel, **self.norm,
-                                attention_heads=self.attention_heads if attention else 0)
-
-    def embed(self, input_channels: int, output_channels: int, stride: Sequence[int]) -> nn.Module:
-        return strided_conv(self.conv_op, input_channels, output_channels, stride)
-
-    def downsample(self, channels: int, stride: Sequence[int]) -> nn.Module:
-        return strided_conv(self.conv_op, channels, channels, stride)
-
-    def upsample(self, input_channels: int, output_channels: int, stride: Sequence[int]) -> nn.Module:
-        return strided_conv(self.conv_op, input_channels, output_channels, stride, transposed=True)
-
-    def recovery(self, input_channels: int, num_classes: int, stride: Sequence[int]) -> nn.Module:
-        return strided_conv(self.conv_op, input_channels, num_classes, stride, transposed=True)
-
-    def side_block(self, channels: int, kernel: Sequence[int]) -> nn.Module:
-        return ResConvBlock(self.conv_op, channels, channels, kernel, **self.norm)
-
-
-class _SwinParts:
-    """Modules of Swin-U (channels-last maps inside the encoder and decoder)."""
-
-    channel_axis = -1
-
-    def __init__(self, conv_op: type[_ConvNd], building_block: str, window_size: Sequence[int], num_heads: int,
-                 mlp_ratio: float) -> None:
-        self.conv_op = conv_op
-        self.dim = conv_dim(conv_op)
-        self.residual = building_block.startswith("res_")
-        self.window_size = tuple(window_size)
-        self.num_heads = num_heads
-        self.mlp_ratio = mlp_ratio
-
-    def block(self, input_channels: int, output_channels: int, kernel: Sequence[int], index: int,
-              drop_path: float, attention: bool) -> nn.Module:
-        # every other block of a stage shifts its windows (the original's kwargs_list)
-        if self.residual:
-            return ResSwinBlock(input_channels, output_channels, self.window_size, self.num_heads,
-                                shifted_first=index % 2 == 1, mlp_ratio=self.mlp_ratio, drop_path=drop_path)
-        return SwinBlock(input_channels, output_channels, self.window_size, self.num_heads, shifted=index % 2 == 1,
-                         mlp_ratio=self.mlp_ratio, drop_path=drop_path)
-
-    def embed(self, input_channels: int, output_channels: int, stride: Sequence[int]) -> nn.Module:
-        return PatchEmbedding(self.conv_op, input_channels, output_channels, stride)
-
-    def downsample(self, channels: int, stride: Sequence[int]) -> nn.Module:
-        return PatchMerging(channels, channels, stride)
-
-    def upsample(self, input_channels: int, output_channels: int, stride: Sequence[int]) -> nn.Module:
-        return PatchExpanding(input_channels, output_channels, stride)
-
-    def recovery(self, input_channels: int, num_classes: int, stride: Sequence[int]) -> nn.Module:
-        return PatchRecovery(self.conv_op, input_channels, num_classes, stride)
-
-    def side_block(self, channels: int, kernel: Sequence[int]) -> nn.Module:
-        return MambaBlock(channels, channels, self.dim)
-
-
-class _MambaParts(_SwinParts):
-    """Modules of Mamba-U: Swin-U's patch operations with Mamba blocks."""
-
-    def __init__(self, conv_op: type[_ConvNd], building_block: str, scan: str, flip_scan: bool,
-                 d_state: int | None, mlp_ratio: float) -> None:
-        super().__init__(conv_op, building_block, (), 0, mlp_ratio)
-        self.mamba = {"scan": scan, "flip_scan": flip_scan, "d_state": d_state, "mlp_ratio": mlp_ratio}
-
-    def block(self, input_channels: int, output_channels: int, kernel: Sequence[int], index: int,
-              drop_path: float, attention: bool) -> nn.Module:
-        block_class = ResMambaBlock if self.residual else MambaBlock
-        return block_class(input_channels, output_channels, self.dim, drop_path=drop_path, **self.mamba)
-
-    def side_block(self, channels: int, kernel: Sequence[int]) -> nn.Module:
-        return MambaBlock(channels, channels, self.dim, **self.mamba)
-
-
-def _stage(parts, input_channels: int, output_channels: int, kernel: Sequence[int], drop_paths: Sequence[float],
-           attention: bool = False) -> nn.Sequential:
-    """One block per drop-path rate, the first changing the width."""
-    return nn.Sequential(*[parts.block(input_channels if i == 0 else output_channels, output_channels, kernel, i,
-                                       rate, attention) for i, rate in enumerate(drop_paths)])
-
-
-class FlemmeEncoder(nn.Module):
-    """Patch embedding; per level its blocks (the skip) and a down-sampling; the middle layers."""
-
-    def __init__(self, patch_embed: nn.Module, stages: Sequence[nn.Module], downsamples: Sequence[nn.Module],
-                 middle: nn.Module) -> None:
-        super().__init__()
-        self.patch_embed = patch_embed
-        self.stages = nn.ModuleList(stages)
-        self.downsamples = nn.ModuleList(downsamples)
-        self.middle = middle
-
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        """The bottleneck features and the skips, highest resolution first."""
-        x = self.patch_embed(x)
-        skips = []
-        for stage, downsample in zip(self.stages, self.downsamples):
-            x = stage(x)
-            skips.append(x)
-            x = downsample(x)
-        return self.middle(x), skips
-
-
-class FlemmeDecoder(nn.Module):
-    """The mirrored decoder; ``deep_supervision`` is the switch nnU-Net sets (used by H-SeM)."""
-
-    def __init__(self, upsamples: Sequence[nn.Module], stages: Sequence[nn.Module], recovery: nn.Module,
-                 skip_connections: bool, channel_axis: int, deep_supervision: bool) -> None:
-        super().__init__()
-        self.upsamples = nn.ModuleList(upsamples)
-        self.stages = nn.ModuleList(stages)
-        self.seg_layers = nn.ModuleDict({"recovery": recovery})  # H-SeM adds its heads here
-        self.skip_connections = skip_connections
-        self.channel_axis = channel_axis
-        self.deep_supervision = deep_supervision
-
-    def forward(self, x: torch.Tensor, skips: Sequence[torch.Tensor]) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        """Full-resolution logits (channels-first) and every stage's features, lowest resolution first."""
-        features = []
-        for upsample, stage, skip in zip(self.upsamples, self.stages, reversed(skips)):
-            x = upsample(x)
-            if self.skip_connections:
-                x = torch.cat((skip, x), dim=self.channel_axis)
-            x = stage(x)
-            features.append(x)
-        return self.seg_layers["recovery"](x), features
-
-
-class FlemmeNet(AbstractDynamicNetworkArchitectures):
+class FlemmeNet(SegmentationNetwork):
     """A Flemme encoder in the SeM or H-SeM architecture; subclasses fix ``encoder_name`` and ``architecture``.
 
     Constructor arguments are nnU-Net's architecture kwargs (``n_stages``, ``features_per_stage``, ``conv_op``,
@@ -319,10 +86,8 @@ class FlemmeNet(AbstractDynamicNetworkArchitectures):
         super().__init__()
         if self.encoder_name not in ENCODERS or self.architecture not in ARCHITECTURES:
             raise TypeError(f"{type(self).__name__} is abstract: build a registered flemme_* network")
-        for name, value in (("input_channels", input_channels), ("num_classes", num_classes),
-                            ("num_blocks", num_blocks), ("position_grid", position_grid)):
-            if not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        check_positive_ints(input_channels=input_channels, num_classes=num_classes, num_blocks=num_blocks,
+                            position_grid=position_grid)
         self._check_options(building_block, num_heads=num_heads, window_size=window_size, scan=scan,
                             flip_scan=flip_scan, d_state=d_state)
         dim = conv_dim(conv_op)
@@ -371,12 +136,12 @@ class FlemmeNet(AbstractDynamicNetworkArchitectures):
                window_size, scan, flip_scan, d_state, mlp_ratio):
         if self.encoder_name == "swinu":
             window = as_tuple(window_size if window_size is not None else (8 if self.dim == 2 else 4), self.dim)
-            return _SwinParts(conv_op, building_block, window, num_heads or 3, mlp_ratio)
+            return SwinParts(conv_op, building_block, window, num_heads or 3, mlp_ratio)
         if self.encoder_name == "mambau":
-            return _MambaParts(conv_op, building_block, scan or "single", bool(flip_scan), d_state, mlp_ratio)
+            return MambaParts(conv_op, building_block, scan or "single", bool(flip_scan), d_state, mlp_ratio)
         # the paper's experiments: batch norm, ReLU
         norm_op = norm_op or {2: nn.BatchNorm2d, 3: nn.BatchNorm3d}[self.dim]
-        return _ConvParts(conv_op, building_block, norm_op, norm_op_kwargs, nonlin or nn.ReLU, nonlin_kwargs,
+        return ConvParts(conv_op, building_block, norm_op, norm_op_kwargs, nonlin or nn.ReLU, nonlin_kwargs,
                           attention_heads=(num_heads or 1) if self.encoder_name == "cattenu" else 0)
 
     def _build_encoder(self, parts, num_blocks: int, middle_depth: int, drop_path_rate: float) -> FlemmeEncoder:
@@ -385,12 +150,12 @@ class FlemmeNet(AbstractDynamicNetworkArchitectures):
         rates = torch.linspace(0, drop_path_rate, (n_levels + middle_depth) * num_blocks).tolist()
         groups = [rates[i * num_blocks:(i + 1) * num_blocks] for i in range(n_levels + middle_depth)]
         channels = [layout.patch_channels, *layout.level_channels]
-        stages = [_stage(parts, channels[i], channels[i + 1], layout.level_kernels[i], groups[i])
+        stages = [stage(parts, channels[i], channels[i + 1], layout.level_kernels[i], groups[i])
                   for i in range(n_levels)]
         downsamples = [parts.downsample(c, s) for c, s in zip(layout.level_channels, layout.level_strides)]
         middle_channels = [layout.level_channels[-1], *layout.middle_channels]
         attention = self.encoder_name == "cattenu"
-        middle = nn.Sequential(*[_stage(parts, middle_channels[j], middle_channels[j + 1], layout.middle_kernel,
+        middle = nn.Sequential(*[stage(parts, middle_channels[j], middle_channels[j + 1], layout.middle_kernel,
                                         groups[n_levels + j], attention) for j in range(middle_depth)])
         return FlemmeEncoder(parts.embed(self.input_channels, layout.patch_channels, layout.patch_stride), stages,
                              downsamples, middle)
@@ -406,49 +171,28 @@ class FlemmeNet(AbstractDynamicNetworkArchitectures):
             width, stride = layout.level_channels[level], layout.level_strides[level]
             # U-Nets: up into the skip's width, blocks on [skip, up]; resnet: up keeping the width, blocks narrow
             upsamples.append(parts.upsample(below, width if skip_connections else below, stride))
-            stages.append(_stage(parts, 2 * width if skip_connections else below, width, layout.level_kernels[level],
+            stages.append(stage(parts, 2 * width if skip_connections else below, width, layout.level_kernels[level],
                                  rates[j * num_blocks:(j + 1) * num_blocks],
                                  attention=self.encoder_name == "cattenu" and j == 0))
             below = width
         return FlemmeDecoder(upsamples, stages, parts.recovery(below, self.num_classes, layout.patch_stride),
                              skip_connections, parts.channel_axis, deep_supervision)
 
-    def output_shapes(self, spatial_shape: Sequence[int]) -> list[tuple[int, ...]]:
-        """Spatial shapes of the outputs with deep supervision: nnU-Net's target sizes at our scales."""
-        return [tuple(round(n * s) for n, s in zip(spatial_shape, scales)) for scales in self.deep_supervision_scales]
+    def _returns_all(self) -> bool:
+        # SeM has one output, returned as a tensor whatever deep_supervision says
+        return self.architecture == "hsem" and self.decoder.deep_supervision
 
-    def check_input(self, x: torch.Tensor) -> None:
-        name = type(self).__name__
-        if x.dim() != self.dim + 2:
-            axes = "x, y, z" if self.dim == 3 else "x, y"
-            raise ValueError(f"{name} was built for {self.dim}D (conv_op): it expects input (batch, channels, {axes}),"
-                             f" got shape {tuple(x.shape)}")
-        if x.shape[1] != self.input_channels:
-            raise ValueError(f"{name} was built for {self.input_channels} input channels, got {x.shape[1]}")
-
-    def forward(self, x: torch.Tensor) -> Output:
-        self.check_input(x)
-        size = tuple(x.shape[2:])
-        pad = [-n % t for n, t in zip(size, self.total_stride)]
-        if any(pad):  # at the end of every axis, so that every output grid stays anchored at the origin
-            x = F.pad(x, [p for amount in reversed(pad) for p in (0, amount)])
+    def _forward_padded(self, x: torch.Tensor) -> list[torch.Tensor]:
         bottleneck, skips = self.encoder(x)
         logits, features = self.decoder(bottleneck, skips)
         if self.architecture == "sem":
-            return self._crop(logits, size)
+            return [logits]
         sides = []
         for block, head, feature in zip(self.side_blocks, self.decoder.seg_layers["sides"], [bottleneck, *features]):
             feature = block(feature)
             sides.append(head(feature.movedim(-1, 1) if self.decoder.channel_axis == -1 else feature))
         sides.reverse()  # highest resolution first
-        fused = self.decoder.seg_layers["combination"]([logits, *sides], x.shape[2:])
-        if not self.decoder.deep_supervision:
-            return self._crop(fused, size)
-        return [self._crop(o, shape) for o, shape in zip([fused, *sides], self.output_shapes(size))]
-
-    @staticmethod
-    def _crop(x: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
-        return x[(..., *(slice(0, n) for n in shape))]
+        return [self.decoder.seg_layers["combination"]([logits, *sides], x.shape[2:]), *sides]
 
 
 def _summary(encoder: str, architecture: str) -> str:
@@ -459,59 +203,30 @@ def _summary(encoder: str, architecture: str) -> str:
     return f"Flemme {what[encoder]}, {arch} (Zhang et al. 2024)"
 
 
-def _register(encoder: str, architecture: str):
-    name = f"flemme_{encoder}" + ("_hsem" if architecture == "hsem" else "")
-    return register_network(name, dims=(2, 3), sized_by_plans=True, summary=_summary(encoder, architecture))
+_CLASS_STEMS = {"resnet": "FlemmeResNet", "unet": "FlemmeUNet", "cattenu": "FlemmeCAttenU", "swinu": "FlemmeSwinU",
+                "mambau": "FlemmeMambaU"}
 
 
-@_register("resnet", "sem")
-class FlemmeResNet(FlemmeNet):
-    encoder_name, architecture = "resnet", "sem"
+def _define(encoder: str) -> tuple[type[FlemmeNet], type[FlemmeNet]]:
+    """The registered SeM and H-SeM classes of ``encoder``: one class per network, so that a plans file's
+    ``network_class_name`` (``nnunet_mamba.networks.flemme.<class>``) says which one it describes."""
+    classes = []
+    for architecture, suffix in (("sem", ""), ("hsem", "HSeM")):
+        class_name = _CLASS_STEMS[encoder] + suffix
+        cls = type(class_name, (FlemmeNet,), {"__module__": __name__, "__qualname__": class_name,
+                                             "__doc__": _summary(encoder, architecture) + ".",
+                                             "encoder_name": encoder, "architecture": architecture})
+        name = f"flemme_{encoder}" + ("_hsem" if architecture == "hsem" else "")
+        classes.append(register_network(name, dims=(2, 3), sized_by_plans=True,
+                                        summary=_summary(encoder, architecture))(cls))
+    return classes[0], classes[1]
 
 
-@_register("resnet", "hsem")
-class FlemmeResNetHSeM(FlemmeNet):
-    encoder_name, architecture = "resnet", "hsem"
-
-
-@_register("unet", "sem")
-class FlemmeUNet(FlemmeNet):
-    encoder_name, architecture = "unet", "sem"
-
-
-@_register("unet", "hsem")
-class FlemmeUNetHSeM(FlemmeNet):
-    encoder_name, architecture = "unet", "hsem"
-
-
-@_register("cattenu", "sem")
-class FlemmeCAttenU(FlemmeNet):
-    encoder_name, architecture = "cattenu", "sem"
-
-
-@_register("cattenu", "hsem")
-class FlemmeCAttenUHSeM(FlemmeNet):
-    encoder_name, architecture = "cattenu", "hsem"
-
-
-@_register("swinu", "sem")
-class FlemmeSwinU(FlemmeNet):
-    encoder_name, architecture = "swinu", "sem"
-
-
-@_register("swinu", "hsem")
-class FlemmeSwinUHSeM(FlemmeNet):
-    encoder_name, architecture = "swinu", "hsem"
-
-
-@_register("mambau", "sem")
-class FlemmeMambaU(FlemmeNet):
-    encoder_name, architecture = "mambau", "sem"
-
-
-@_register("mambau", "hsem")
-class FlemmeMambaUHSeM(FlemmeNet):
-    encoder_name, architecture = "mambau", "hsem"
+FlemmeResNet, FlemmeResNetHSeM = _define("resnet")
+FlemmeUNet, FlemmeUNetHSeM = _define("unet")
+FlemmeCAttenU, FlemmeCAttenUHSeM = _define("cattenu")
+FlemmeSwinU, FlemmeSwinUHSeM = _define("swinu")
+FlemmeMambaU, FlemmeMambaUHSeM = _define("mambau")
 
 
 def flemme_table3(encoder: str, architecture: str = "sem", dim: int = 2, num_blocks: int = 2,
@@ -534,6 +249,6 @@ def flemme_table3(encoder: str, architecture: str = "sem", dim: int = 2, num_blo
 
 
 __all__ = ["ARCHITECTURES", "BUILDING_BLOCKS", "ENCODERS", "TABLE3_PARAMETERS", "FlemmeCAttenU", "FlemmeCAttenUHSeM",
-           "FlemmeDecoder", "FlemmeEncoder", "FlemmeLayout", "FlemmeMambaU", "FlemmeMambaUHSeM", "FlemmeNet",
+           "FlemmeMambaU", "FlemmeMambaUHSeM", "FlemmeNet",
            "FlemmeResNet", "FlemmeResNetHSeM", "FlemmeSwinU", "FlemmeSwinUHSeM", "FlemmeUNet", "FlemmeUNetHSeM",
            "flemme_table3"]

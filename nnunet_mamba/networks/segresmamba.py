@@ -51,20 +51,21 @@ is cropped to exactly the size nnU-Net downsamples its targets to for those scal
 from __future__ import annotations
 
 import math
-from typing import List, Optional, Sequence, Tuple, Union
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
-from dynamic_network_architectures.architectures.abstract_arch import AbstractDynamicNetworkArchitectures
 from torch import nn
 
 from ..layers.tom import ToM
-from .registry import fixed_plan_strides, register_network
+from .base import SegmentationNetwork, check_positive_ints, scaled_shapes
+from .plans import fixed_plan_strides
+from .registry import register_network
 
 ENCODER_STRIDE = 16
 
 
-def _norm_act(channels: int) -> List[nn.Module]:
+def _norm_act(channels: int) -> list[nn.Module]:
     return [nn.InstanceNorm3d(channels, affine=True), nn.ReLU(inplace=True)]
 
 
@@ -101,7 +102,7 @@ class SegResMambaEncoder(nn.Module):
             for c, c_next in zip(widths[:-1], widths[1:])])
         self.blocks = nn.ModuleList([CMMB(c, d_state, d_conv, expand) for c in widths])
 
-    def forward(self, x: torch.Tensor) -> List[torch.Tensor]:
+    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
         skips = [self.blocks[0](self.stem(x))]
         for transition, block in zip(self.transitions, self.blocks[1:]):
             skips.append(block(transition(skips[-1])))
@@ -145,7 +146,7 @@ class SegResMambaDecoder(nn.Module):
         self.seg_layers = nn.ModuleList([nn.Conv3d(widths[i], num_classes, 1) for i in levels]
                                         + [nn.ConvTranspose3d(widths[0], num_classes, 2, stride=2)])
 
-    def forward(self, skips: List[torch.Tensor]) -> List[torch.Tensor]:
+    def forward(self, skips: list[torch.Tensor]) -> list[torch.Tensor]:
         """Logits, highest resolution first: all levels with deep supervision, else only the full-resolution one."""
         x = skips[-1]
         outputs = []
@@ -161,24 +162,24 @@ class SegResMambaDecoder(nn.Module):
 
 @register_network("segresmamba", dims=(3,),
                   summary="SegResMamba: CMMB encoder with tri-oriented Mamba, SegResNet decoder (Das et al. 2025)")
-class SegResMamba(AbstractDynamicNetworkArchitectures):
+class SegResMamba(SegmentationNetwork):
     """SegResMamba for nnU-Net 3D patches of any size; see the module docstring for the architecture."""
 
-    deep_supervision_strides: Tuple[Tuple[int, int, int], ...] = ((1, 1, 1), (2, 2, 2), (4, 4, 4), (8, 8, 8))
+    only_dim = dim = 3
+    total_stride = ENCODER_STRIDE
+    deep_supervision_strides: tuple[tuple[int, int, int], ...] = ((1, 1, 1), (2, 2, 2), (4, 4, 4), (8, 8, 8))
     # nnU-Net's format (nnUNetTrainer._get_deep_supervision_scales): one scale per axis and output
-    deep_supervision_scales: Tuple[Tuple[float, ...], ...] = tuple(tuple(1 / s for s in strides)
+    deep_supervision_scales: tuple[tuple[float, ...], ...] = tuple(tuple(1 / s for s in strides)
                                                                   for strides in deep_supervision_strides)
 
     def __init__(self, input_channels: int, num_classes: int, deep_supervision: bool = False,
                  encoder_width: int = 48, decoder_width: int = 96, d_state: int = 16, d_conv: int = 4,
-                 expand: int = 2, strides: Optional[Sequence] = None) -> None:
+                 expand: int = 2, strides: Sequence | None = None) -> None:
         super().__init__()
         self.plan_strides = fixed_plan_strides("SegResMamba", self.deep_supervision_scales, (ENCODER_STRIDE,) * 3,
                                                strides)
-        for name, value in (("input_channels", input_channels), ("num_classes", num_classes),
-                            ("encoder_width", encoder_width), ("decoder_width", decoder_width)):
-            if not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        check_positive_ints(input_channels=input_channels, num_classes=num_classes, encoder_width=encoder_width,
+                            decoder_width=decoder_width)
         self.input_channels = input_channels
         self.num_classes = num_classes
         encoder_widths = [encoder_width * 2 ** i for i in range(4)]
@@ -191,27 +192,16 @@ class SegResMamba(AbstractDynamicNetworkArchitectures):
         self.keys_to_in_proj = ("encoder.stem",)
 
     @classmethod
-    def output_shapes(cls, spatial_shape: Sequence[int]) -> List[Tuple[int, ...]]:
+    def output_shapes(cls, spatial_shape: Sequence[int]) -> list[tuple[int, ...]]:
         """Spatial shapes of the deep-supervision outputs for a patch: nnU-Net's target sizes for our scales."""
-        # DownsampleSegForDSTransform: round(size * scale), Python's round (halves to even)
-        return [tuple(round(n * s) for n, s in zip(spatial_shape, scales)) for scales in cls.deep_supervision_scales]
+        return scaled_shapes(spatial_shape, cls.deep_supervision_scales)
 
-    def check_input(self, x: torch.Tensor) -> None:
-        if x.dim() != 5:
-            raise ValueError(f"SegResMamba is 3D only: expected input (batch, channels, x, y, z), got shape "
-                             f"{tuple(x.shape)}" + (" (a 2D image)" if x.dim() == 4 else ""))
-        if x.shape[1] != self.input_channels:
-            raise ValueError(f"expected {self.input_channels} input channels, got {x.shape[1]}")
-        if self.training and max(x.shape[2:]) <= 2 * ENCODER_STRIDE:
+    def _check_spatial(self, spatial: tuple[int, ...]) -> None:
+        if self.training and max(spatial) <= 2 * ENCODER_STRIDE:
             # the deepest CMMB instance-normalises a map at 1/32 of the padded patch, one voxel below this size
             raise ValueError(f"SegResMamba trains on patches larger than {2 * ENCODER_STRIDE} voxels along at least "
-                             f"one axis, got {tuple(x.shape[2:])}")
+                             f"one axis, got {spatial}")
 
-    def forward(self, x: torch.Tensor) -> Union[torch.Tensor, List[torch.Tensor]]:
-        self.check_input(x)
-        shapes = self.output_shapes(x.shape[2:])
-        pad = [p for n in reversed(x.shape[2:]) for p in (0, -n % ENCODER_STRIDE)]  # at the end of each axis
-        skips = self.encoder(F.pad(x, pad))
-        outputs = self.decoder([adapter(s) for adapter, s in zip(self.adapters, skips)])
-        outputs = [o[(..., *(slice(0, n) for n in shape))] for o, shape in zip(outputs, shapes)]
-        return outputs if self.decoder.deep_supervision else outputs[0]
+    def _forward_padded(self, x: torch.Tensor) -> list[torch.Tensor]:
+        skips = self.encoder(x)
+        return self.decoder([adapter(s) for adapter, s in zip(self.adapters, skips)])

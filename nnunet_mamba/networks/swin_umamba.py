@@ -9,37 +9,28 @@ expanding, skip concatenation projected back by a linear layer, two VSS blocks p
 expanding; heads at 1, 1/4, 1/8 and 1/16.
 
 Both have a total stride of 32 (with four stages). Other sizes are zero-padded at the bottom and right to the
-next multiple of 32 and every output is cropped back. Zero padding, because nnU-Net feeds z-score normalised
-images, where 0 is the mean intensity, and pads too-small images with zeros itself, and because the
-convolutions already see zeros beyond the border (replicate padding would instead copy border structures into
-the padded band, where the scans carry them across the image). Bottom/right, because then the output grids of
-every resolution stay anchored at the image origin, like nnU-Net's downsampled deep-supervision targets: the
-output at scale s (1, 1/2, 1/4, ...) is cropped to ``round(size * s)`` pixels, the size that nnU-Net's
-``DownsampleSegForDSTransform`` gives the target of scale s (Python's round: halves to even). The scales are
+next multiple of 32 and every output is cropped back to nnU-Net's target size at its scale (why so:
+:mod:`.base`; zeros also because the convolutions already see zeros beyond the border, where replicate padding
+would copy border structures into the padded band, and the scans carry them across the image). The scales are
 ``network.deep_supervision_scales``; the original trainers override ``_get_deep_supervision_scales`` with
 them, since they do not follow the plans' pooling. nnU-Net's own trainer derives them from the plans' strides
 instead: plans for it carry ``network.plan_strides`` (``nnunet-mamba plan``), and the network refuses others.
 
-``load_vmamba_encoder`` copies an ImageNet VMamba-Tiny v0 checkpoint into either network's encoder.
+Their ImageNet encoder weights (VMamba-Tiny v0): :mod:`.vmamba_weights`.
 """
 from __future__ import annotations
 
-import re
 from collections import OrderedDict
-from dataclasses import dataclass, field
-from typing import Dict, List, Mapping, Optional, Sequence, Union
+from collections.abc import Sequence
 
 import torch
-import torch.nn.functional as F
-from dynamic_network_architectures.architectures.abstract_arch import AbstractDynamicNetworkArchitectures
 from dynamic_network_architectures.initialization.weight_init import InitWeights_He
-from timm.models import adapt_input_conv
 from torch import nn
 
 from ..layers.vss import FinalPatchExpand_X4, PatchExpand, VSSLayer, VSSMEncoder
-from .registry import fixed_plan_strides, register_network
-
-Output = Union[torch.Tensor, List[torch.Tensor]]
+from .base import SegmentationNetwork, check_positive_ints
+from .plans import fixed_plan_strides
+from .registry import register_network
 
 
 def _nest(name: str, module: nn.Module) -> nn.Sequential:
@@ -47,7 +38,7 @@ def _nest(name: str, module: nn.Module) -> nn.Sequential:
     return nn.Sequential(OrderedDict([(name, module)]))
 
 
-def _stage_dims(embed_dim: int, n_stages: int) -> List[int]:
+def _stage_dims(embed_dim: int, n_stages: int) -> list[int]:
     # VMamba doubles the channels at every patch merging
     return [embed_dim * 2 ** i for i in range(n_stages)]
 
@@ -64,7 +55,7 @@ class UnetResBlock(nn.Module):
         self.lrelu = nn.LeakyReLU(0.01, inplace=True)
         self.norm1 = nn.InstanceNorm2d(out_channels)
         self.norm2 = nn.InstanceNorm2d(out_channels)
-        self.conv3: Optional[nn.Module] = None
+        self.conv3: nn.Module | None = None
         if in_channels != out_channels:
             self.conv3 = _nest("conv", nn.Conv2d(in_channels, out_channels, 1, bias=False))
             self.norm3 = nn.InstanceNorm2d(out_channels)
@@ -100,17 +91,20 @@ class SwinUMambaHeads(nn.Module):
                                          for c in channels])
 
 
-class _SwinUMambaBase(AbstractDynamicNetworkArchitectures):
-    """What both networks share: input checks, padding to the total stride, cropping, encoder freezing."""
+class _SwinUMambaBase(SegmentationNetwork):
+    """What both networks share: their scales and plan strides, encoder freezing."""
+
+    only_dim = dim = 2
+    # the cropped outputs are copied into contiguous memory
+    contiguous_outputs = True
 
     # Whether ``vssm_encoder.patch_embed`` reads the image (so ImageNet's RGB patch embedding can be adapted).
     patch_embed_reads_image: bool
 
     def __init__(self, input_channels: int, num_classes: int, total_stride: int,
-                 deep_supervision_scales: Sequence[float], strides: Optional[Sequence] = None) -> None:
+                 deep_supervision_scales: Sequence[float], strides: Sequence | None = None) -> None:
         super().__init__()
-        if input_channels < 1 or num_classes < 1:
-            raise ValueError(f"input_channels and num_classes must be positive, got {input_channels}, {num_classes}")
+        check_positive_ints(input_channels=input_channels, num_classes=num_classes)
         self.input_channels = input_channels
         self.num_classes = num_classes
         self.total_stride = total_stride
@@ -118,28 +112,7 @@ class _SwinUMambaBase(AbstractDynamicNetworkArchitectures):
         self.plan_strides = fixed_plan_strides(type(self).__name__, self.deep_supervision_scales,
                                                (total_stride, total_stride), strides)
 
-    def _forward_padded(self, x: torch.Tensor) -> List[torch.Tensor]:
-        """Head outputs for an input divisible by the total stride, highest resolution first."""
-        raise NotImplementedError
-
-    def forward(self, x: torch.Tensor) -> Output:
-        if x.dim() != 4:
-            raise ValueError(f"{type(self).__name__} is a 2D network: it expects input (batch, channels, x, y), got "
-                             f"shape {tuple(x.shape)} (3D configurations are not supported)")
-        if x.shape[1] != self.input_channels:
-            raise ValueError(f"{type(self).__name__} was built for {self.input_channels} input channels, got "
-                             f"{x.shape[1]}")
-        size = x.shape[2:]
-        pad = [-s % self.total_stride for s in size]
-        if any(pad):
-            x = F.pad(x, (0, pad[1], 0, pad[0]))
-        outputs = self._forward_padded(x)
-        if any(pad):
-            outputs = [out[..., :round(size[0] * scale), :round(size[1] * scale)].contiguous()
-                       for out, scale in zip(outputs, self.deep_supervision_scales)]
-        return outputs if self.decoder.deep_supervision else outputs[0]
-
-    def pretrained_encoder_parameters(self) -> List[nn.Parameter]:
+    def pretrained_encoder_parameters(self) -> list[nn.Parameter]:
         """The ImageNet-initialised encoder parameters that the original trainers keep frozen in the first epochs
         (all of the VMamba encoder except its patch embedding)."""
         return [p for name, p in self.vssm_encoder.named_parameters() if not name.startswith("patch_embed.")]
@@ -160,7 +133,7 @@ class SwinUMamba(_SwinUMambaBase):
 
     def __init__(self, input_channels: int, num_classes: int, deep_supervision: bool = False,
                  depths: Sequence[int] = (2, 2, 9, 2), embed_dim: int = 96, stem_channels: int = 48,
-                 d_state: int = 16, drop_path_rate: float = 0.2, strides: Optional[Sequence] = None) -> None:
+                 d_state: int = 16, drop_path_rate: float = 0.2, strides: Sequence | None = None) -> None:
         if len(depths) != 4:
             raise ValueError(f"Swin-UMamba has four VSS stages; depths must have 4 entries, got {list(depths)}")
         super().__init__(input_channels, num_classes, total_stride=32, deep_supervision_scales=(1, 1 / 2, 1 / 4, 1 / 8),
@@ -188,7 +161,7 @@ class SwinUMamba(_SwinUMambaBase):
         self.key_to_stem = "stem"
         self.keys_to_in_proj = ("stem.0", "encoder1.layer.conv1.conv", "encoder1.layer.conv3.conv")
 
-    def _forward_padded(self, x: torch.Tensor) -> List[torch.Tensor]:
+    def _forward_padded(self, x: torch.Tensor) -> list[torch.Tensor]:
         stem = self.stem(x)
         stages = [s.permute(0, 3, 1, 2) for s in self.vssm_encoder(stem)]  # 1/4 .. 1/32, channels-first
         skip1, skip2 = self.encoder1(x), self.encoder2(stem)
@@ -233,7 +206,7 @@ class MambaDecoder(nn.Module):
         self.seg_layers = nn.ModuleList(seg_layers)
         self.concat_back_dim = nn.ModuleList(concat_back_dim)
 
-    def forward(self, skips: List[torch.Tensor]) -> List[torch.Tensor]:
+    def forward(self, skips: list[torch.Tensor]) -> list[torch.Tensor]:
         x = skips[-1]
         last = len(self.stages) - 1
         outputs = []
@@ -258,7 +231,7 @@ class SwinUMambaD(_SwinUMambaBase):
     def __init__(self, input_channels: int, num_classes: int, deep_supervision: bool = False,
                  depths: Sequence[int] = (2, 2, 9, 2), embed_dim: int = 96, d_state: int = 16,
                  drop_path_rate: float = 0.2, decoder_drop_path_rate: float = 0.2,
-                 strides: Optional[Sequence] = None) -> None:
+                 strides: Sequence | None = None) -> None:
         if len(depths) < 2:
             raise ValueError(f"Swin-UMamba-dagger needs at least two VSS stages, got depths={list(depths)}")
         n = len(depths)
@@ -273,124 +246,5 @@ class SwinUMambaD(_SwinUMambaBase):
         self.key_to_stem = "vssm_encoder.patch_embed"
         self.keys_to_in_proj = ("vssm_encoder.patch_embed.proj",)
 
-    def _forward_padded(self, x: torch.Tensor) -> List[torch.Tensor]:
+    def _forward_padded(self, x: torch.Tensor) -> list[torch.Tensor]:
         return self.decoder(self.vssm_encoder(x))
-
-
-# Checkpoint keys of VMamba's ImageNet classifier, which the segmentation networks do not have.
-_CLASSIFIER_KEYS = ("norm.weight", "norm.bias", "head.weight", "head.bias")
-
-
-@dataclass
-class EncoderLoadReport:
-    """What :func:`load_vmamba_encoder` did. Keys of ``loaded``/``adapted``/``missing`` are the network's,
-    keys of ``skipped``/``unexpected`` the checkpoint's."""
-
-    loaded: List[str] = field(default_factory=list)
-    adapted: List[str] = field(default_factory=list)  # loaded after adapting the input channels (in ``loaded``)
-    skipped: Dict[str, str] = field(default_factory=dict)  # checkpoint key -> why it was left out
-    unexpected: List[str] = field(default_factory=list)  # checkpoint keys the encoder has no place for
-    missing: List[str] = field(default_factory=list)  # encoder keys the checkpoint did not provide
-
-
-def _encoder_key(checkpoint_key: str) -> str:
-    # Swin-UMamba keeps VMamba's layers.i.downsample as vssm_encoder.downsamples.i
-    return "vssm_encoder." + re.sub(r"^layers\.(\d+)\.downsample\.", r"downsamples.\1.", checkpoint_key)
-
-
-def _adaptable_rgb_kernel(checkpoint_shape: torch.Size, network_shape: torch.Size) -> bool:
-    """An RGB convolution kernel that fits the network's but for the number of input channels."""
-    return (len(checkpoint_shape) == len(network_shape) == 4 and checkpoint_shape[1] == 3 != network_shape[1]
-            and checkpoint_shape[0] == network_shape[0] and checkpoint_shape[2:] == network_shape[2:])
-
-
-# The original Swin-UMamba's skip list (swin_umamba/nnunetv2/nets/SwinUMamba.py load_pretrained_ckpt, JiarunLiu/
-# Swin-UMamba) names patch_embed.norm.weight twice and patch_embed.norm.bias not at all, so it loads that bias.
-_ORIGINAL_SWIN_UMAMBA_LOADS = frozenset({"patch_embed.norm.bias"})
-
-
-def load_vmamba_encoder(network: _SwinUMambaBase, checkpoint_state_dict: Mapping[str, torch.Tensor],
-                        strict: bool = True, faithful: bool = True) -> EncoderLoadReport:
-    """Copy a VMamba v0 ImageNet checkpoint (e.g. VMamba-Tiny, ``vssmtiny_dp01_ckpt_epoch_292.pth``) into the
-    encoder of a :class:`SwinUMamba` or :class:`SwinUMambaD`, in place.
-
-    ``checkpoint_state_dict`` is the checkpoint's ``'model'`` dict; a whole training checkpoint holding one under
-    ``'model'`` is accepted too (its other entries are ignored). Always left out: the classifier (``norm.*``,
-    ``head.*``). The decoders, the stem and the conv skips stay as initialised. The patch embedding:
-
-    - ``faithful=True`` (the default): exactly the original's ``load_pretrained_ckpt``
-      (JiarunLiu/Swin-UMamba, ``swin_umamba/nnunetv2/nets/SwinUMamba.py`` and ``SwinUMambaD.py``). Swin-UMamba
-      skips ``patch_embed.proj.*`` and ``patch_embed.norm.weight`` but loads ``patch_embed.norm.bias`` (its skip
-      list names ``norm.weight`` twice); Swin-UMamba-dagger loads all four ``patch_embed.*`` tensors when the
-      checkpoint's kernel has as many input channels as the network, and skips all four otherwise.
-    - ``faithful=False``: Swin-UMamba skips all of ``patch_embed.*`` (it reads the 48-channel stem, not an image:
-      what the original meant); Swin-UMamba-dagger with other than 3 input channels loads the patch embedding
-      with the RGB kernel adapted by timm's ``adapt_input_conv`` (1 channel: the sum of the RGB kernels, i.e. a
-      grey image seen as R = G = B; C channels: the RGB kernels cycled and scaled by 3/C to keep the activation
-      scale).
-
-    Raises ValueError, before changing anything, when a tensor's shape does not fit, when nothing matches, and
-    (``strict``) when the checkpoint has encoder-like keys the network lacks or lacks some of the encoder's.
-    """
-    if not isinstance(network, _SwinUMambaBase):
-        raise TypeError(f"expected a SwinUMamba or SwinUMambaD network, got {type(network).__name__}")
-    state = checkpoint_state_dict
-    if isinstance(state.get("model"), Mapping):
-        state = state["model"]
-    targets = {k: v for k, v in network.state_dict(keep_vars=True).items() if k.startswith("vssm_encoder.")}
-    report = EncoderLoadReport()
-    pending: Dict[str, torch.Tensor] = {}
-    mismatched = []
-    kernel = state.get("patch_embed.proj.weight")
-    channels = targets["vssm_encoder.patch_embed.proj.weight"].shape[1]
-    # the checkpoint's patch-embedding keys this call loads
-    if not network.patch_embed_reads_image:
-        embedding_loaded = _ORIGINAL_SWIN_UMAMBA_LOADS if faithful else frozenset()
-    elif faithful and torch.is_tensor(kernel) and kernel.dim() == 4 and kernel.shape[1] != channels:
-        embedding_loaded = frozenset()
-    else:
-        embedding_loaded = None  # all of them
-    for key, value in state.items():
-        if key in _CLASSIFIER_KEYS:
-            report.skipped[key] = "ImageNet classifier (final norm and head)"
-            continue
-        if key.startswith("patch_embed.") and embedding_loaded is not None and key not in embedding_loaded:
-            if not network.patch_embed_reads_image:
-                report.skipped[key] = ("Swin-UMamba's patch embedding reads the 48-channel stem, not an RGB image"
-                                       + (" (the original's skip list)" if faithful else ""))
-            else:
-                report.skipped[key] = (f"the checkpoint's patch embedding reads {kernel.shape[1]} channels, the "
-                                       f"network's {channels} (the original skips it)")
-            continue
-        target = _encoder_key(key)
-        if target not in targets or not torch.is_tensor(value):
-            report.unexpected.append(key)
-            continue
-        expected = targets[target].shape
-        if key == "patch_embed.proj.weight" and not faithful and _adaptable_rgb_kernel(value.shape, expected):
-            value = adapt_input_conv(expected[1], value)
-            report.adapted.append(target)
-        if value.shape != expected:
-            mismatched.append(f"{key}: checkpoint {tuple(value.shape)}, network {target} {tuple(expected)}")
-            continue
-        pending[target] = value
-    if mismatched:
-        raise ValueError(f"{len(mismatched)} checkpoint tensor(s) do not fit {type(network).__name__}'s encoder "
-                         "(is this VMamba-Tiny v0?): " + "; ".join(mismatched[:5]))
-    if not pending:
-        raise ValueError(f"no tensor of the checkpoint matches {type(network).__name__}'s encoder (expected VMamba "
-                         f"v0 keys such as 'layers.0.blocks.0.self_attention.x_proj_weight'); first keys: "
-                         f"{list(state)[:5]}")
-    embedding = "vssm_encoder.patch_embed."
-    loadable = [k for k in targets if not k.startswith(embedding) or embedding_loaded is None
-                or k[len("vssm_encoder."):] in embedding_loaded]
-    report.missing = [k for k in loadable if k not in pending]
-    if strict and (report.unexpected or report.missing):
-        raise ValueError(f"checkpoint and {type(network).__name__}'s encoder differ (a VMamba other than Tiny v0?): "
-                         f"{len(report.unexpected)} unexpected key(s) {report.unexpected[:5]}, "
-                         f"{len(report.missing)} missing {report.missing[:5]}; pass strict=False to load the rest")
-    with torch.no_grad():
-        for target, value in pending.items():
-            targets[target].copy_(value)
-    report.loaded = list(pending)
-    return report

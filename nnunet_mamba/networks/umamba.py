@@ -15,36 +15,28 @@ Faithful to the original, including what its state dicts record (see ``docs`` in
 from __future__ import annotations
 
 import math
-from typing import List, Optional, Sequence, Type, Union
+from collections.abc import Sequence
 
 import numpy as np
 import torch
-from dynamic_network_architectures.architectures.abstract_arch import AbstractDynamicNetworkArchitectures
 from torch import nn
 from torch.nn.modules.conv import _ConvNd
 
 from ..layers import MambaLayer, UpsampleConv, conv_dim, stack_residual_blocks
 from ..layers.blocks import as_tuple
+from .base import SegmentationNetwork, per_stage
 from .registry import register_network
 
-IntOrSeq = Union[int, Sequence[int]]
-
-
-def _per_stage(value, n: int, name: str) -> list:
-    if isinstance(value, (list, tuple)):
-        if len(value) != n:
-            raise ValueError(f"{name} must have {n} entries (one per stage), got {len(value)}: {list(value)}")
-        return list(value)
-    return [value] * n
+IntOrSeq = int | Sequence[int]
 
 
 class UMambaEncoder(nn.Module):
     """Residual encoder: a stem at full resolution, then ``n_stages`` strided stages; optional Mamba layers."""
 
-    def __init__(self, input_channels: int, features_per_stage: List[int], conv_op: Type[_ConvNd],
-                 kernel_sizes: list, strides: list, n_blocks_per_stage: List[int], conv_bias: bool, norm_op,
+    def __init__(self, input_channels: int, features_per_stage: list[int], conv_op: type[_ConvNd],
+                 kernel_sizes: list, strides: list, n_blocks_per_stage: list[int], conv_bias: bool, norm_op,
                  norm_op_kwargs, dropout_op, dropout_op_kwargs, nonlin, nonlin_kwargs,
-                 mamba_layers: Optional[List[Optional[MambaLayer]]] = None) -> None:
+                 mamba_layers: list[MambaLayer | None] | None = None) -> None:
         super().__init__()
         common = dict(conv_bias=conv_bias, norm_op=norm_op, norm_op_kwargs=norm_op_kwargs, dropout_op=dropout_op,
                       dropout_op_kwargs=dropout_op_kwargs, nonlin=nonlin, nonlin_kwargs=nonlin_kwargs)
@@ -63,7 +55,7 @@ class UMambaEncoder(nn.Module):
         self.strides = [as_tuple(s, conv_dim(conv_op)) for s in strides]
         self.kernel_sizes = kernel_sizes
 
-    def forward(self, x: torch.Tensor) -> List[torch.Tensor]:
+    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
         x = self.stem(x)
         skips = []
         for s, stage in enumerate(self.stages):
@@ -77,8 +69,8 @@ class UMambaEncoder(nn.Module):
 class UMambaDecoder(nn.Module):
     """Nearest upsampling + 1x1 conv, concatenation with the skip, residual blocks, and 1x1 segmentation heads."""
 
-    def __init__(self, encoder: UMambaEncoder, conv_op: Type[_ConvNd], num_classes: int,
-                 n_blocks_per_stage: List[int], deep_supervision: bool, last_stage_skip: bool, conv_bias: bool,
+    def __init__(self, encoder: UMambaEncoder, conv_op: type[_ConvNd], num_classes: int,
+                 n_blocks_per_stage: list[int], deep_supervision: bool, last_stage_skip: bool, conv_bias: bool,
                  norm_op, norm_op_kwargs, dropout_op, dropout_op_kwargs, nonlin, nonlin_kwargs) -> None:
         super().__init__()
         self.deep_supervision = deep_supervision
@@ -99,7 +91,7 @@ class UMambaDecoder(nn.Module):
         self.upsample_layers = nn.ModuleList(upsample)
         self.seg_layers = nn.ModuleList(heads)
 
-    def forward(self, skips: List[torch.Tensor]) -> Union[torch.Tensor, List[torch.Tensor]]:
+    def forward(self, skips: list[torch.Tensor]) -> torch.Tensor | list[torch.Tensor]:
         x = skips[-1]
         outputs = []
         last = len(self.stages) - 1
@@ -114,35 +106,35 @@ class UMambaDecoder(nn.Module):
         return outputs if self.deep_supervision else outputs[0]
 
 
-class UMamba(AbstractDynamicNetworkArchitectures):
+class UMamba(SegmentationNetwork):
     """U-Mamba with the Mamba layer(s) at the bottleneck (``placement='bottleneck'``) or in the encoder."""
 
     placement: str = "bottleneck"
 
-    def __init__(self, input_channels: int, n_stages: int, features_per_stage: Union[int, Sequence[int]],
-                 conv_op: Type[_ConvNd], kernel_sizes: Union[IntOrSeq, Sequence[IntOrSeq]],
-                 strides: Union[IntOrSeq, Sequence[IntOrSeq]], n_conv_per_stage: Union[int, Sequence[int]],
-                 num_classes: int, n_conv_per_stage_decoder: Union[int, Sequence[int]], conv_bias: bool = False,
-                 norm_op: Optional[Type[nn.Module]] = None, norm_op_kwargs: Optional[dict] = None,
-                 dropout_op: Optional[Type[nn.Module]] = None, dropout_op_kwargs: Optional[dict] = None,
-                 nonlin: Optional[Type[nn.Module]] = None, nonlin_kwargs: Optional[dict] = None,
-                 deep_supervision: bool = False, input_size: Optional[Sequence[int]] = None,
-                 d_state: int = 16, d_conv: int = 4, expand: int = 2, last_stage_skip: Optional[bool] = None,
-                 mamba_stages: Optional[Sequence[bool]] = None) -> None:
+    def __init__(self, input_channels: int, n_stages: int, features_per_stage: int | Sequence[int],
+                 conv_op: type[_ConvNd], kernel_sizes: IntOrSeq | Sequence[IntOrSeq],
+                 strides: IntOrSeq | Sequence[IntOrSeq], n_conv_per_stage: int | Sequence[int],
+                 num_classes: int, n_conv_per_stage_decoder: int | Sequence[int], conv_bias: bool = False,
+                 norm_op: type[nn.Module] | None = None, norm_op_kwargs: dict | None = None,
+                 dropout_op: type[nn.Module] | None = None, dropout_op_kwargs: dict | None = None,
+                 nonlin: type[nn.Module] | None = None, nonlin_kwargs: dict | None = None,
+                 deep_supervision: bool = False, input_size: Sequence[int] | None = None,
+                 d_state: int = 16, d_conv: int = 4, expand: int = 2, last_stage_skip: bool | None = None,
+                 mamba_stages: Sequence[bool] | None = None) -> None:
         super().__init__()
         dim = conv_dim(conv_op)
         if norm_op is None or nonlin is None:
             raise ValueError("U-Mamba needs norm_op and nonlin (its residual blocks always normalise and activate)")
         if n_stages < 2:  # with one stage the decoder would be empty and the network return nothing
             raise ValueError(f"n_stages must be at least 2, got {n_stages}")
-        features = _per_stage(features_per_stage, n_stages, "features_per_stage")
-        kernel_sizes = [as_tuple(k, dim) for k in _per_stage(kernel_sizes, n_stages, "kernel_sizes")]
-        strides = [as_tuple(s, dim) for s in _per_stage(strides, n_stages, "strides")]
+        features = per_stage(features_per_stage, n_stages, "features_per_stage")
+        kernel_sizes = [as_tuple(k, dim) for k in per_stage(kernel_sizes, n_stages, "kernel_sizes")]
+        strides = [as_tuple(s, dim) for s in per_stage(strides, n_stages, "strides")]
         for name, values in (("kernel_sizes", kernel_sizes), ("strides", strides)):
             if any(len(v) != dim for v in values):
                 raise ValueError(f"{name} must have {dim} entries per stage for {conv_op.__name__}, got {values}")
-        blocks = _per_stage(n_conv_per_stage, n_stages, "n_conv_per_stage")
-        blocks_dec = _per_stage(n_conv_per_stage_decoder, n_stages - 1, "n_conv_per_stage_decoder")
+        blocks = per_stage(n_conv_per_stage, n_stages, "n_conv_per_stage")
+        blocks_dec = per_stage(n_conv_per_stage_decoder, n_stages - 1, "n_conv_per_stage_decoder")
         # The original reduces these in place; we reduce copies.
         for s in range(math.ceil(n_stages / 2), n_stages):
             blocks[s] = 1
@@ -151,6 +143,7 @@ class UMamba(AbstractDynamicNetworkArchitectures):
 
         self.input_channels = input_channels
         self.num_classes = num_classes
+        self.dim = dim
         self.conv_op = conv_op
         self.input_size = None if input_size is None else tuple(int(i) for i in input_size)
         self.total_stride = tuple(int(np.prod([s[d] for s in strides])) for d in range(dim))
@@ -215,15 +208,8 @@ class UMamba(AbstractDynamicNetworkArchitectures):
             if module.bias is not None:
                 nn.init.zeros_(module.bias)
 
-    def check_input(self, x: torch.Tensor) -> None:
-        dim = len(self.total_stride)
-        if x.dim() != dim + 2:
-            axes = "x, y, z" if dim == 3 else "x, y"
-            raise ValueError(f"{type(self).__name__} ({dim}D) expects input (batch, channels, {axes}), "
-                             f"got shape {tuple(x.shape)}")
-        if x.shape[1] != self.input_channels:
-            raise ValueError(f"expected {self.input_channels} input channels, got {x.shape[1]}")
-        spatial = tuple(x.shape[2:])
+    def _check_spatial(self, spatial: tuple[int, ...]) -> None:
+        # not padded, as in the original: U-Mamba takes multiples of the total stride only
         if any(s % t for s, t in zip(spatial, self.total_stride)):
             raise ValueError(f"spatial size {spatial} must be divisible by the total stride {self.total_stride} "
                              "(the product of the plans' strides)")
@@ -235,7 +221,7 @@ class UMamba(AbstractDynamicNetworkArchitectures):
             raise ValueError(f"{type(self).__name__} was built for input_size={self.input_size} (its channel-token "
                              f"Mamba layers depend on it), got {spatial}")
 
-    def forward(self, x: torch.Tensor) -> Union[torch.Tensor, List[torch.Tensor]]:
+    def forward(self, x: torch.Tensor) -> torch.Tensor | list[torch.Tensor]:
         self.check_input(x)
         skips = self.encoder(x)
         if self.placement == "bottleneck":

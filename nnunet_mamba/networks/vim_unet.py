@@ -79,17 +79,18 @@ from __future__ import annotations
 
 import math
 from collections import OrderedDict
-from typing import List, Optional, Sequence, Tuple, Type, Union
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
-from dynamic_network_architectures.architectures.abstract_arch import AbstractDynamicNetworkArchitectures
 from timm.layers import lecun_normal_, trunc_normal_
 from torch import nn
 
 from ..layers.bimamba import RMSNorm, ViMBlock
 from ..layers.blocks import conv_dim
-from .registry import fixed_plan_strides, register_network
+from .base import SegmentationNetwork
+from .plans import fixed_plan_strides
+from .registry import register_network
 
 PATCH_SIZE = 16
 # Decoder channels from 1/16 to full resolution: torch-em's UNETR with initial_features=64, gain=2, depth=3.
@@ -139,7 +140,7 @@ class ViMEncoder(nn.Module):
     ``head`` is dropped (and ``pos_embed`` is resampled if its grid differs).
     """
 
-    def __init__(self, input_channels: int, embed_dim: int, depth: int, grid_size: Tuple[int, int],
+    def __init__(self, input_channels: int, embed_dim: int, depth: int, grid_size: tuple[int, int],
                  drop_path_rate: float, configuration: str = "paper") -> None:
         super().__init__()
         if configuration not in VIM_CONFIGURATIONS:
@@ -172,7 +173,7 @@ class ViMEncoder(nn.Module):
             for layer in self.layers:
                 layer.mixer.out_proj.weight /= math.sqrt(depth)
 
-    def cls_index(self, patches: int) -> Optional[int]:
+    def cls_index(self, patches: int) -> int | None:
         """Where the class token sits in a sequence of ``patches`` patch tokens (torch-em: 0, or M // 2)."""
         return {None: None, "first": 0, "middle": patches // 2}[self.cls_position]
 
@@ -222,7 +223,7 @@ class ViMEncoder(nn.Module):
         return tokens.transpose(1, 2).reshape(x.shape[0], self.embed_dim, *grid)
 
 
-class ConvBlock(nn.Sequential):
+class InstanceNormConvBlock(nn.Sequential):
     """torch-em's ``ConvBlock2d``: (InstanceNorm -> 3x3 conv -> ReLU) twice; the norms have no affine parameters."""
 
     def __init__(self, input_channels: int, output_channels: int) -> None:
@@ -253,13 +254,13 @@ class ViMUNetDecoder(nn.Module):
         up_channels = DECODER_FEATURES[1:] + DECODER_FEATURES[-1:]  # the last upsampling keeps 64 channels
         self.side_blocks = nn.ModuleList([UpConvBlock(i, o) for i, o in zip((embed_dim,) + side_channels[:-1],
                                                                              side_channels)])
-        self.base = ConvBlock(embed_dim, DECODER_FEATURES[0])
+        self.base = InstanceNormConvBlock(embed_dim, DECODER_FEATURES[0])
         self.upsample_layers = nn.ModuleList([nn.ConvTranspose2d(i, o, kernel_size=2, stride=2)
                                               for i, o in zip(DECODER_FEATURES, up_channels)])
-        self.stages = nn.ModuleList([ConvBlock(2 * c, c) for c in up_channels])
+        self.stages = nn.ModuleList([InstanceNormConvBlock(2 * c, c) for c in up_channels])
         self.seg_layers = nn.ModuleList([nn.Conv2d(c, num_classes, kernel_size=1) for c in up_channels])
 
-    def forward(self, embedding: torch.Tensor) -> List[torch.Tensor]:
+    def forward(self, embedding: torch.Tensor) -> list[torch.Tensor]:
         """Segmentations of the padded input, highest resolution first (only the full-resolution one without DS)."""
         side, skips = embedding, []
         for block in self.side_blocks:
@@ -282,19 +283,21 @@ class ViMUNetDecoder(nn.Module):
                   summary="ViM-UNet Small: Vision Mamba (dim 384) encoder + UNETR decoder (Archit & Pape 2024)")
 @register_network("vim_unet_tiny", dims=(2,), needs_input_size=True, embed_dim=192,
                   summary="ViM-UNet Tiny: Vision Mamba (dim 192) encoder + UNETR decoder (Archit & Pape 2024)")
-class ViMUNet(AbstractDynamicNetworkArchitectures):
+class ViMUNet(SegmentationNetwork):
     """ViM-UNet for 2D inputs (batch, input_channels, x, y); ``input_size`` is the patch size the position
     embedding is built for. ``depth`` and ``drop_path_rate`` default to the original's (24, Vim's 0.1);
     ``configuration`` picks the encoder's (:data:`VIM_CONFIGURATIONS`; ``"paper"``: the paper's)."""
 
     # Output scales under deep supervision, highest resolution first; what a trainer's
     # ``_get_deep_supervision_scales`` must return for this network (see the module docstring).
-    deep_supervision_scales: Tuple[Tuple[float, float], ...] = ((1.0, 1.0), (0.5, 0.5), (0.25, 0.25), (0.125, 0.125))
+    deep_supervision_scales: tuple[tuple[float, float], ...] = ((1.0, 1.0), (0.5, 0.5), (0.25, 0.25), (0.125, 0.125))
+    only_dim = dim = 2
+    total_stride = PATCH_SIZE
 
     def __init__(self, input_channels: int, num_classes: int, deep_supervision: bool = False,
-                 input_size: Optional[Sequence[int]] = None, embed_dim: int = 192, depth: int = 24,
-                 drop_path_rate: float = 0.1, conv_op: Optional[Type[nn.Module]] = None,
-                 strides: Optional[Sequence] = None, configuration: str = "paper") -> None:
+                 input_size: Sequence[int] | None = None, embed_dim: int = 192, depth: int = 24,
+                 drop_path_rate: float = 0.1, conv_op: type[nn.Module] | None = None,
+                 strides: Sequence | None = None, configuration: str = "paper") -> None:
         super().__init__()
         if conv_op is not None and conv_dim(conv_op) != 2:
             raise ValueError(f"ViM-UNet is 2D only (Vision Mamba patch embedding and 2D decoder); got conv_op="
@@ -319,22 +322,10 @@ class ViMUNet(AbstractDynamicNetworkArchitectures):
         self.keys_to_in_proj = ("encoder.patch_embed.proj",)
         self.key_to_lpe = "encoder.pos_embed"
 
-    def check_input(self, x: torch.Tensor) -> None:
-        if x.dim() != 4:
-            what = " (a 3D volume? ViM-UNet is 2D only)" if x.dim() == 5 else ""
-            raise ValueError(f"ViM-UNet expects input (batch, channels, x, y), got shape {tuple(x.shape)}{what}")
-        if x.shape[1] != self.input_channels:
-            raise ValueError(f"expected {self.input_channels} input channels, got {x.shape[1]}")
-        if math.ceil(x.shape[2] / PATCH_SIZE) * math.ceil(x.shape[3] / PATCH_SIZE) < 2:
-            raise ValueError(f"spatial size {tuple(x.shape[2:])} gives a single {PATCH_SIZE}x{PATCH_SIZE} patch; the "
-                             "decoder's instance norms need at least two")
+    def _check_spatial(self, spatial: tuple[int, ...]) -> None:
+        if math.ceil(spatial[0] / PATCH_SIZE) * math.ceil(spatial[1] / PATCH_SIZE) < 2:
+            raise ValueError(f"spatial size {spatial} gives a single {PATCH_SIZE}x{PATCH_SIZE} patch; the decoder's "
+                             "instance norms need at least two")
 
-    def forward(self, x: torch.Tensor) -> Union[torch.Tensor, List[torch.Tensor]]:
-        self.check_input(x)
-        size = tuple(x.shape[2:])
-        pad = [math.ceil(s / PATCH_SIZE) * PATCH_SIZE - s for s in size]
-        outputs = self.decoder(self.encoder(F.pad(x, (0, pad[1], 0, pad[0]))))
-        # Crop the padding away; lower resolutions get the sizes nnU-Net gives its downsampled targets.
-        outputs = [o[..., :round(size[0] * scale[0]), :round(size[1] * scale[1])]
-                   for o, scale in zip(outputs, self.deep_supervision_scales)]
-        return outputs if self.decoder.deep_supervision else outputs[0]
+    def _forward_padded(self, x: torch.Tensor) -> list[torch.Tensor]:
+        return self.decoder(self.encoder(x))

@@ -1,6 +1,6 @@
 """nnU-Net trainers for our networks. Importing this module needs nnunetv2."""
 from . import recipes
-from .base import ShortRunMixin, nnUNetTrainerMamba, plans_network_kwargs
+from .base import ShortRunMixin, nnUNetTrainerMamba
 from .flemme import (nnUNetTrainerFlemmeSeM, nnUNetTrainerFlemmeHSeM, nnUNetTrainerFlemmeResNet,
                      nnUNetTrainerFlemmeUNet, nnUNetTrainerFlemmeCAttenU, nnUNetTrainerFlemmeSwinU,
                      nnUNetTrainerFlemmeMambaU, nnUNetTrainerFlemmeResNet_HSeM, nnUNetTrainerFlemmeUNet_HSeM,
@@ -23,7 +23,7 @@ from .umamba import (nnUNetTrainerUMambaBot, nnUNetTrainerUMambaEnc, nnUNetTrain
 from .vim_unet import (nnUNetTrainerViMUNetTiny, nnUNetTrainerViMUNetSmall, nnUNetTrainerViMUNetTiny_nnUNetRecipe,
                        nnUNetTrainerViMUNetSmall_nnUNetRecipe, nnUNetTrainerViMUNetTiny_demo)
 
-__all__ = ["ShortRunMixin", "nnUNetTrainerMamba", "plans_network_kwargs", "recipes", "nnUNetTrainerFlemmeSeM",
+__all__ = ["ShortRunMixin", "nnUNetTrainerMamba", "recipes", "nnUNetTrainerFlemmeSeM",
            "nnUNetTrainerFlemmeHSeM", "nnUNetTrainerFlemmeResNet", "nnUNetTrainerFlemmeUNet",
            "nnUNetTrainerFlemmeCAttenU", "nnUNetTrainerFlemmeSwinU", "nnUNetTrainerFlemmeMambaU",
            "nnUNetTrainerFlemmeResNet_HSeM", "nnUNetTrainerFlemmeUNet_HSeM", "nnUNetTrainerFlemmeCAttenU_HSeM",

@@ -11,7 +11,8 @@ from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 from nnunetv2.utilities.plans_handling.plans_handler import ConfigurationManager, PlansManager
 from torch import nn
 
-from ..networks import create_network, get_network_spec, plan_kwargs, resolve_plan_imports
+from ..networks.plans import network_from_plans
+from ..networks.base import refuse_nan_input
 from ..ops import resolve_backend
 from . import recipes
 
@@ -26,33 +27,6 @@ def amp_dtype() -> torch.dtype:
     if value not in _AMP_DTYPES:
         raise ValueError(f"{AMP_DTYPE_ENV}={value!r}: expected one of {', '.join(_AMP_DTYPES)}")
     return _AMP_DTYPES[value]
-
-
-def plans_network_kwargs(network_name: str, configuration_manager: ConfigurationManager) -> dict:
-    """Constructor kwargs for ``network_name`` from a plans configuration (classes imported, patch size added)."""
-    kwargs = resolve_plan_imports(configuration_manager.network_arch_init_kwargs,
-                                  configuration_manager.network_arch_init_kwargs_req_import)
-    return plan_kwargs(network_name, kwargs, configuration_manager.patch_size,
-                       configuration_manager.network_arch_class_name)
-
-
-def refuse_nan_input(module: nn.Module, args: tuple) -> None:
-    """Forward pre-hook: in inference (eval mode), refuse inputs holding NaN with a message naming the fix.
-
-    Refused rather than replaced: nnU-Net's normalisation keeps NaN voxels, and a selective scan carries one NaN
-    through its whole sequence (one NaN pixel turns every output of U-Mamba Bot to NaN), so such an image would
-    give a meaningless segmentation and exit 0; which value should replace NaN (background, 0, the minimum) depends
-    on the images, so the user decides. Training data is checked by nnU-Net itself (``nnUNetv2_plan_and_preprocess
-    --verify_dataset_integrity`` reports NaN images), so training steps are not checked here.
-    """
-    if module.training or not args or not isinstance(args[0], torch.Tensor):
-        return
-    x = args[0]
-    if torch.isnan(x).any():
-        raise ValueError(f"nnunet-mamba: the network input holds {int(torch.isnan(x).sum())} NaN values (of "
-                         f"{x.numel()}): the image has NaN voxels, which nnU-Net's normalisation keeps and the Mamba "
-                         "scan would spread over the whole prediction. Replace them in the image (e.g. "
-                         "numpy.nan_to_num, or the background value) and predict again.")
 
 
 class nnUNetTrainerMamba(nnUNetTrainer):
@@ -79,24 +53,9 @@ class nnUNetTrainerMamba(nnUNetTrainer):
     def build_network_architecture(cls, plans_manager: PlansManager, configuration_manager: ConfigurationManager,
                                    num_input_channels: int, num_output_channels: int,
                                    enable_deep_supervision: bool = True) -> nn.Module:
-        spec = get_network_spec(cls.network_name)
-        dim = len(configuration_manager.patch_size)
-        if dim not in spec.dims:
-            supported = " and ".join(f"{d}D" for d in spec.dims)
-            raise ValueError(f"{cls.__name__} builds {spec.name}, which supports {supported} "
-                             f"configurations only; this configuration has a {dim}D patch size "
-                             f"{list(configuration_manager.patch_size)}")
-        kwargs = {**plans_network_kwargs(cls.network_name, configuration_manager), **cls.network_overrides}
-        if cls.plans_width_divisor > 1 and "features_per_stage" in kwargs:
-            kwargs["features_per_stage"] = [max(4, f // cls.plans_width_divisor) for f in kwargs["features_per_stage"]]
-        network = create_network(cls.network_name, input_channels=num_input_channels, num_classes=num_output_channels,
-                                 deep_supervision=enable_deep_supervision, **kwargs)
-        check = getattr(network, "check_input", None)
-        if check is not None:
-            # The network's own shape check on the plans' patch (an empty meta tensor): a patch it cannot train on
-            # then stops nnUNetv2_train here, before nnU-Net starts its data-loader workers, whose EOFError would
-            # otherwise be the last line printed.
-            check(torch.empty((1, num_input_channels, *configuration_manager.patch_size), device="meta"))
+        network = network_from_plans(cls.network_name, configuration_manager, num_input_channels,
+                                     num_output_channels, enable_deep_supervision, overrides=cls.network_overrides,
+                                     width_divisor=cls.plans_width_divisor, caller=cls.__name__)
         network.register_forward_pre_hook(refuse_nan_input)
         return network
 
