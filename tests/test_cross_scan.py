@@ -15,11 +15,12 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 
 import nnunet_mamba
 import nnunet_mamba.ops.cross_scan as cross_scan
+from nnunet_mamba.ops.backend import triton_interpreted, triton_kernels
 from nnunet_mamba.layers.tom import DIRECTIONS as TOM_DIRECTIONS
 from nnunet_mamba.layers.tom import ORDER_NAMES as TOM_ORDER_NAMES
 from nnunet_mamba.layers.vss import SCAN_DIRECTIONS, SS2D
 from nnunet_mamba.ops import BackendUnavailableError, selective_scan_reference
-from nnunet_mamba.ops.cross_scan import cross_selective_scan, inverse_orders, scan_orders
+from nnunet_mamba.ops import cross_selective_scan, inverse_orders, scan_orders
 
 ALL_2D = ("hw", "wh", "-hw", "-wh")
 ALL_3D = tuple(sign + "".join(p) for sign in ("", "-") for p in itertools.permutations("dhw"))
@@ -193,7 +194,7 @@ def test_compiled_fullgraph_equals_eager():
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 def test_fake_tensors_give_shapes_and_gradients(backend):
-    if backend == "triton" and cross_scan._TRITON_ERROR is not None:
+    if backend == "triton" and triton_kernels() is None:
         pytest.skip("triton is not installed")
     shape, directions = CASES["3d"]
     inputs = make_inputs(shape, directions, shared=False, dtype=torch.float32)
@@ -219,7 +220,7 @@ def test_backend_choice(monkeypatch):
     torch.testing.assert_close(cross_selective_scan(*args), expected)
     monkeypatch.setenv("NNUNET_MAMBA_BACKEND", "auto")  # CPU tensors: the gather/scatter path
     torch.testing.assert_close(cross_selective_scan(*args), expected)
-    if not cross_scan._INTERPRETED:  # no interpreter: the fused kernels need CUDA tensors
+    if not triton_interpreted():  # no interpreter: the fused kernels need CUDA tensors
         monkeypatch.setenv("NNUNET_MAMBA_BACKEND", "triton")
         with pytest.raises(BackendUnavailableError, match="triton"):
             cross_selective_scan(*args)
@@ -323,7 +324,7 @@ def largest_error(result, expected) -> float:
 
 
 def interpreter_report() -> dict:
-    assert cross_scan._INTERPRETED, "run with TRITON_INTERPRET=1"
+    assert triton_interpreted(), "run with TRITON_INTERPRET=1"
     cross_scan._CHUNK = INTERPRETER_CHUNK
     report = {}
     for name, (case, shared, dim, n, dtype, option) in INTERPRETER_CASES.items():

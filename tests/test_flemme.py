@@ -15,7 +15,7 @@ from nnunet_mamba.layers.flemme import (CombinationLayer, ConvBlock, MambaBlock,
 from nnunet_mamba.networks import create_network, get_network_spec, list_networks, plan_kwargs
 from nnunet_mamba.networks.flemme import (BUILDING_BLOCKS, ENCODERS, TABLE3_PARAMETERS, FlemmeLayout, FlemmeNet,
                                           flemme_table3)
-from nnunet_mamba.ops.cross_scan import scan_orders
+from nnunet_mamba.ops import scan_orders
 
 # small networks: one thread (see conftest.one_thread)
 pytestmark = pytest.mark.usefixtures("one_thread")

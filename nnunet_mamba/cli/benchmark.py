@@ -371,7 +371,7 @@ def run_flemme_table3(args: argparse.Namespace, device: torch.device) -> List[di
 
 
 def run_kernels(args: argparse.Namespace) -> int:
-    from ..ops._scan_bench import benchmark_scan_shapes
+    from .benchmark_kernels import benchmark_scan_shapes
 
     device = torch.device(args.device)
     if device.type != "cuda":

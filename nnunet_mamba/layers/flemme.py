@@ -46,7 +46,7 @@ from torch import nn
 from torch._subclasses.fake_tensor import is_fake
 from torch.nn.modules.conv import _ConvNd
 
-from ..ops.cross_scan import cross_selective_scan, scan_orders
+from ..ops import cross_selective_scan, scan_orders
 from .blocks import as_tuple, conv_dim
 from .vss import _inverse_softplus_dt
 

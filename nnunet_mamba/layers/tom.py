@@ -51,7 +51,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..ops import selective_scan
-from ..ops.cross_scan import inverse_orders, scan_orders
+from ..ops import inverse_orders, scan_orders
 
 DIRECTIONS: Tuple[str, ...] = ("forward", "reverse", "inter_slice")
 # The directions in nnunet_mamba.ops.cross_scan's names: axes slowest first, "-" for reversed; the inter-slice

@@ -30,7 +30,7 @@ from timm.layers import DropPath, trunc_normal_
 from torch import nn
 
 from ..ops import selective_scan
-from ..ops.cross_scan import cross_scan_backend, cross_selective_scan, scan_orders
+from ..ops import cross_scan_backend, cross_selective_scan, scan_orders
 
 # VMamba v0's directions and their order (see nnunet_mamba.ops.cross_scan): row-major, column-major, both reversed
 SCAN_DIRECTIONS = ("hw", "wh", "-hw", "-wh")
