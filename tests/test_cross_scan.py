@@ -275,12 +275,20 @@ def test_compiled_ss2d_fullgraph_equals_eager():
 
 
 def test_ss2d_cross_scan_formulation_equals_the_copied_one():
-    """SS2D's two scan paths (nnunet_mamba.layers.vss): x_proj in image order + the cross scan (here its
-    gather/scatter path) vs four permuted copies + one grouped selective_scan, in values and gradients."""
+    """projected_cross_scan's two paths (nnunet_mamba.ops.cross_scan), with SS2D's parameters: x_proj in image
+    order + the cross scan (here its gather/scatter path) vs the directions' copies projected + one folded
+    selective_scan, in values and gradients."""
     m = distinct_ss2d()
     h = torch.randn(2, m.d_inner, 5, 7, dtype=torch.float64)  # not square: a transposition mistake would show
+    orders = scan_orders((5, 7), SCAN_DIRECTIONS)
+
+    def parameters():
+        return (m.x_proj_weight, m.dt_projs_weight, -torch.exp(m.A_logs.float()), m.Ds.float(),
+                m.dt_projs_bias.float().view(-1), orders)
+
     results = []
-    for scan in (lambda t: m._fused_scan(t, backend="torch"), m._copied_scan):
+    for scan in (lambda t: cross_scan._projected_fused(t.flatten(2), *parameters(), backend="torch"),
+                 lambda t: cross_scan._projected_copies(t.flatten(2), *parameters(), backend="torch")):
         m.zero_grad()
         t = h.clone().requires_grad_()
         y = scan(t)
@@ -288,7 +296,7 @@ def test_ss2d_cross_scan_formulation_equals_the_copied_one():
         results.append((y.detach(), {"h": t.grad, **{n: p.grad.clone() for n, p in m.named_parameters()
                                                      if p.grad is not None}}))
     (y, grads), (y_ref, grads_ref) = results
-    assert y.shape == (2, 5, 7, m.d_inner)
+    assert y.shape == (2, m.d_inner, 5 * 7)
     torch.testing.assert_close(y, y_ref, rtol=1e-10, atol=1e-12)
     assert grads.keys() == grads_ref.keys() and {"x_proj_weight", "A_logs", "Ds"} <= grads.keys()
     for name in grads:

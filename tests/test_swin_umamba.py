@@ -10,7 +10,7 @@ from nnunet_mamba.checkpoints import convert_swin_umamba_state_dict
 from nnunet_mamba.layers.vss import SS2D, FinalPatchExpand_X4, PatchExpand, PatchMerging2D
 from nnunet_mamba.networks import create_network, get_network_spec
 from nnunet_mamba.networks.swin_umamba import SwinUMamba, SwinUMambaD, load_vmamba_encoder  # registers both
-from nnunet_mamba.ops.selective_scan import selective_scan_reference
+from nnunet_mamba.ops import selective_scan_reference
 
 MANIFESTS = {
     "swin_umamba_in1_cls14": (SwinUMamba, 1, 14),

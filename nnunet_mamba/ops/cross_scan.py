@@ -90,7 +90,7 @@ def cross_selective_scan(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tens
     """Selective scans of K directions of one map, summed in image order; see the module docstring.
 
     ``orders`` comes from :func:`scan_orders`. Returns y (batch, dim, L), float32 (float64 for float64 ``u``),
-    position-major. ``backend`` overrides ``NNUNET_MAMBA_BACKEND`` for this call.
+    position-major. ``backend`` overrides the environment's choice for this call.
     """
     _check_shapes(u, delta, A, B, C, orders, D, delta_bias)
     name = cross_scan_backend(u, backend)
@@ -109,34 +109,106 @@ def cross_selective_scan(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tens
 
 # ---- gather / scatter path ---------------------------------------------------------------------------------------
 
+def folded_selective_scan(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional[Tensor] = None,
+                          z: Optional[Tensor] = None, delta_bias: Optional[Tensor] = None,
+                          delta_softplus: bool = False, backend: Optional[str] = None) -> Tensor:
+    """K directions' selective scans as ONE :func:`~nnunet_mamba.ops.selective_scan` call.
+
+    Every direction's sequence is already in its own scan order: u, delta and z (batch, K, dim, L), B and C
+    (batch, K, N, L); A (K * dim, N), D and delta_bias (K * dim,) direction-major. The directions are folded into
+    the channels (K * dim channels, B/C grouped, one group per direction), so one kernel launch serves them all.
+    Returns (batch, K, dim, L) in scan order, in u's dtype (the scan computes in float32 whatever it is).
+    """
+    batch, k, dim, length = u.shape
+
+    def fold(t: Optional[Tensor]) -> Optional[Tensor]:
+        return None if t is None else t.reshape(batch, k * dim, length)
+
+    y = selective_scan(fold(u), fold(delta), A, B, C, D, z=fold(z), delta_bias=delta_bias,
+                       delta_softplus=delta_softplus, backend=backend)
+    return y.view(batch, k, dim, length)
+
+
+def _in_scan_order(x: Tensor, orders: Tensor) -> Tensor:
+    """(batch, K * rows, L) -> (batch, K, rows, L), row block k read in direction k's order."""
+    n_dir, length = orders.shape
+    x = x.reshape(x.shape[0], n_dir, -1, length)
+    return torch.gather(x, 3, orders.view(1, n_dir, 1, length).expand(*x.shape))
+
+
+def _shared_in_scan_order(u: Tensor, orders: Tensor) -> Tensor:
+    """(batch, dim, L) shared by all directions -> (batch, K, dim, L): one read of u per direction."""
+    return u[:, :, orders].transpose(1, 2)
+
+
+def _merged_in_image_order(y_scan: Tensor, orders: Tensor) -> Tensor:
+    """(batch, K, dim, L) in scan order -> their sum in image order, position-major (batch, dim, L)."""
+    batch, n_dir, dim, length = y_scan.shape
+    inverse = inverse_orders(orders).view(1, n_dir, 1, length).expand(batch, n_dir, dim, length)
+    y = torch.gather(y_scan, 3, inverse).sum(1)
+    out = position_major(y, batch, dim, length, y.dtype, zero=False)
+    out.copy_(y)
+    return out
+
+
 def _gather_scan_scatter(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, orders: Tensor,
                          D: Optional[Tensor], delta_bias: Optional[Tensor], delta_softplus: bool,
                          backend: str) -> Tensor:
-    """The reference path: every direction's sequence gathered, one grouped selective_scan, scattered back."""
+    """The reference path: every direction's sequence gathered, one folded selective scan, scattered back."""
     compute = compute_dtype(u)
-    batch, _, length = u.shape
-    n_dir = orders.shape[0]
-    dim = delta.shape[1] // n_dir
-    n = A.shape[1]
+    shared = u.shape[1] == delta.shape[1] // orders.shape[0]
+    u_scan = _shared_in_scan_order(u.to(compute), orders) if shared else _in_scan_order(u.to(compute), orders)
+    y_scan = folded_selective_scan(u_scan, _in_scan_order(delta.to(compute), orders), A,
+                                   _in_scan_order(B.to(compute), orders), _in_scan_order(C.to(compute), orders), D,
+                                   delta_bias=delta_bias, delta_softplus=delta_softplus, backend=backend)
+    return _merged_in_image_order(y_scan, orders)
 
-    def in_scan_order(x: Tensor, rows: int) -> Tensor:  # (batch, K * rows, L) -> (batch, K, rows, L) in k's order
-        x = x.to(compute).reshape(batch, n_dir, rows, length)
-        return torch.gather(x, 3, orders.view(1, n_dir, 1, length).expand(batch, n_dir, rows, length))
 
-    if u.shape[1] == dim:  # shared: one read per direction, (batch, dim, K, L)
-        u_scan = u.to(compute)[:, :, orders].transpose(1, 2)
-    else:
-        u_scan = in_scan_order(u, dim)
-    with torch.autocast(device_type=u.device.type, enabled=False):
-        y_scan = selective_scan(u_scan.reshape(batch, n_dir * dim, length),
-                                in_scan_order(delta, dim).reshape(batch, n_dir * dim, length), A,
-                                in_scan_order(B, n), in_scan_order(C, n), D, delta_bias=delta_bias,
-                                delta_softplus=delta_softplus, backend=backend)
-    inverse = inverse_orders(orders).view(1, n_dir, 1, length).expand(batch, n_dir, dim, length)
-    y = torch.gather(y_scan.view(batch, n_dir, dim, length), 3, inverse).sum(1)
-    out = position_major(y, batch, dim, length, compute, zero=False)
-    out.copy_(y)
-    return out
+def projected_cross_scan(x: Tensor, x_proj_weight: Tensor, dt_projs_weight: Tensor, A: Tensor, D: Optional[Tensor],
+                         delta_bias: Optional[Tensor], orders: Tensor, backend: Optional[str] = None) -> Tensor:
+    """Mamba's per-direction projections and the cross scan of one image-order map (SS2D, Flemme's Mamba block).
+
+    x (batch, dim, L) in image order, shared by the K directions; x_proj_weight (K, R + 2N, dim) gives direction
+    k's (dt, B, C) per token, dt_projs_weight (K, dim, R) its delta from dt; A (K * dim, N); D and delta_bias
+    (K * dim,); softplus on delta. Returns what :func:`cross_selective_scan` returns for these inputs.
+
+    Where the fused kernels run, the projections are computed in image order and the kernels read every direction
+    through the order table. Elsewhere the directions' copies of x are made once and projected (per token, so
+    equal to gathering projections, which would copy dt, B and C too), then scanned by one folded selective scan
+    and merged back: the faster way with mamba-ssm's kernel (docs/measurements.md).
+    """
+    if cross_scan_backend(x, backend) == "triton":
+        return _projected_fused(x, x_proj_weight, dt_projs_weight, A, D, delta_bias, orders, backend)
+    return _projected_copies(x, x_proj_weight, dt_projs_weight, A, D, delta_bias, orders, backend)
+
+
+def _projected_fused(x: Tensor, x_proj_weight: Tensor, dt_projs_weight: Tensor, A: Tensor, D: Optional[Tensor],
+                     delta_bias: Optional[Tensor], orders: Tensor, backend: Optional[str]) -> Tensor:
+    batch, dim, length = x.shape
+    k, rank = dt_projs_weight.shape[0], dt_projs_weight.shape[2]
+    n = (x_proj_weight.shape[1] - rank) // 2
+    # tokens (batch, L, dim): a view for a position-major x, so the gathers read whole channel blocks; every
+    # direction's dt, B, C in one matmul, (batch, L, K, R + 2N)
+    tokens = x.transpose(1, 2)
+    x_dbl = (tokens @ x_proj_weight.reshape(k * (rank + 2 * n), dim).t()).view(batch, length, k, -1)
+    dts, Bs, Cs = torch.split(x_dbl, [rank, n, n], dim=-1)
+    dts = torch.einsum("blkr,kdr->blkd", dts, dt_projs_weight).reshape(batch, length, k * dim)
+    return cross_selective_scan(x, dts.transpose(1, 2), A, Bs.permute(0, 2, 3, 1), Cs.permute(0, 2, 3, 1), orders,
+                                D, delta_bias, delta_softplus=True, backend=backend)
+
+
+def _projected_copies(x: Tensor, x_proj_weight: Tensor, dt_projs_weight: Tensor, A: Tensor, D: Optional[Tensor],
+                      delta_bias: Optional[Tensor], orders: Tensor, backend: Optional[str]) -> Tensor:
+    rank = dt_projs_weight.shape[2]
+    n = (x_proj_weight.shape[1] - rank) // 2
+    xs = _shared_in_scan_order(x, orders)  # (batch, K, dim, L), each direction in its order
+    x_dbl = torch.einsum("bkdl,kcd->bkcl", xs, x_proj_weight)
+    dts, Bs, Cs = torch.split(x_dbl, [rank, n, n], dim=2)
+    dts = torch.einsum("bkrl,kdr->bkdl", dts, dt_projs_weight)
+    compute = compute_dtype(x)  # float32 output, as the fused path's
+    y_scan = folded_selective_scan(xs.to(compute), dts.to(compute), A, Bs.to(compute), Cs.to(compute), D,
+                                   delta_bias=delta_bias, delta_softplus=True, backend=backend)
+    return _merged_in_image_order(y_scan, orders)
 
 
 @contextlib.contextmanager
