@@ -118,28 +118,28 @@ def requested_backend(backend: Optional[str] = None) -> str:
     return value
 
 
+# per compiled backend: what to install, and where its kernels run
+_REQUIREMENTS = {
+    "cuda": ("mamba-ssm", "Install the CUDA extra (pip install 'nnunet-mamba[cuda]')",
+             "mamba-ssm's kernel only runs on CUDA tensors"),
+    "triton": ("triton", "Install triton (PyTorch's CUDA wheels bring it)",
+               "the Triton kernels run on CUDA tensors, or on any device in Triton's interpreter (TRITON_INTERPRET=1 "
+               "set before nnunet_mamba.ops.triton is first imported; slow)"),
+}
+
+
 def _unavailable(backend: str, device: torch.device) -> Optional[str]:
     """Why ``backend`` cannot run on tensors on ``device`` (a message naming the way out), or None if it can."""
-    if backend == "cuda":
-        fn, err = _mamba_ssm_kernels()
-        if fn is None:
-            return (f"selective-scan backend 'cuda' was requested ({BACKEND_ENV}=cuda) but mamba-ssm cannot be "
-                    f"imported: {err}. Install the CUDA extra (pip install 'nnunet-mamba[cuda]') or set "
-                    f"{BACKEND_ENV}=torch (or auto) to use the pure-PyTorch scan.")
-        if device.type != "cuda":
-            return (f"selective-scan backend 'cuda' was requested but the tensors are on {device}; mamba-ssm's "
-                    f"kernel only runs on CUDA tensors. Set {BACKEND_ENV}=auto or torch.")
-    elif backend == "triton":
-        kernels, err = _triton_kernels()
-        if kernels is None:
-            return (f"selective-scan backend 'triton' was requested ({BACKEND_ENV}=triton) but triton cannot be "
-                    f"imported: {err}. Install triton (PyTorch's CUDA wheels bring it) or set {BACKEND_ENV}=torch "
-                    f"(or auto).")
-        if device.type != "cuda" and not kernels.INTERPRETED:
-            return (f"selective-scan backend 'triton' was requested but the tensors are on {device}; the Triton "
-                    f"kernels run on CUDA tensors, or on any device in Triton's interpreter (TRITON_INTERPRET=1 "
-                    f"set before nnunet_mamba.ops.triton is first imported; slow). Set {BACKEND_ENV}=auto or "
-                    f"torch.")
+    if backend not in _REQUIREMENTS:
+        return None
+    package, install, where = _REQUIREMENTS[backend]
+    module, err = (_mamba_ssm_kernels if backend == "cuda" else _triton_kernels)()
+    if module is None:
+        return (f"selective-scan backend '{backend}' was requested ({BACKEND_ENV}={backend}) but {package} cannot be "
+                f"imported: {err}. {install} or set {BACKEND_ENV}=torch (or auto).")
+    if device.type != "cuda" and not getattr(module, "INTERPRETED", False):
+        return (f"selective-scan backend '{backend}' was requested but the tensors are on {device}; {where}. Set "
+                f"{BACKEND_ENV}=auto or torch.")
     return None
 
 

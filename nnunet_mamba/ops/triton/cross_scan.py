@@ -87,30 +87,38 @@ def cross_scan_backward(grad_y: Tensor, u: Tensor, delta: Tensor, A: Tensor, B: 
 
 
 @triton.jit
-def _program_block(dim, n_state, SHARED_U: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_N: tl.constexpr):
-    # this program's direction, batch element and BLOCK_C channels within the direction (int64, as channel *
-    # stride passes 2**31 in large channels-first maps); scan_channel is their row of delta, A, D and delta_bias,
-    # u_channel their row of u
+def _program_setup(A_ptr, D_ptr, bias_ptr, stride_A_c, stride_A_n, compute_ptr, dim, n_state,
+                   SHARED_U: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_N: tl.constexpr):
+    # This program's direction, batch element and BLOCK_C channels within the direction (int64, as channel *
+    # stride passes 2**31 in large channels-first maps): scan_channel is their row of delta, A, D and delta_bias,
+    # u_channel their row of u. Then A, D and delta_bias of these channels in compute_ptr's element type; an
+    # absent D or delta_bias comes as A's pointer (the launchers pass it), so reading it is safe and unused.
+    compute = compute_ptr.dtype.element_ty
     direction = tl.program_id(1)
     batch = tl.program_id(2).to(tl.int64)
     channel = tl.program_id(0).to(tl.int64) * BLOCK_C + tl.arange(0, BLOCK_C)
+    channel_ok = channel < dim
     scan_channel = direction * dim + channel
     state = tl.arange(0, BLOCK_N)
-    return (direction, batch, channel, channel < dim, scan_channel, channel if SHARED_U else scan_channel, state,
-            state < n_state)
-
-
-@triton.jit
-def _channel_parameters(A_ptr, D_ptr, bias_ptr, scan_channel, channel_ok, state, state_ok, stride_A_c, stride_A_n,
-                        compute_ptr):
-    # A, D and delta_bias of the program's channels in the element type of compute_ptr; an absent D or delta_bias
-    # comes as A's pointer (the launchers pass it), so reading it is safe and its values go unused
-    compute = compute_ptr.dtype.element_ty
+    state_ok = state < n_state
     A = tl.load(A_ptr + scan_channel[:, None] * stride_A_c + state[None, :] * stride_A_n,
                 mask=channel_ok[:, None] & state_ok[None, :], other=0.0).to(compute)
     D = tl.load(D_ptr + scan_channel, mask=channel_ok, other=0.0).to(compute)
     bias = tl.load(bias_ptr + scan_channel, mask=channel_ok, other=0.0).to(compute)
-    return A, D, bias
+    return (direction, batch, channel, channel_ok, scan_channel, channel if SHARED_U else scan_channel, state,
+            state_ok, A, D, bias)
+
+
+@triton.jit
+def _sequence_bases(u_ptr, delta_ptr, B_ptr, C_ptr, batch, direction, u_channel, scan_channel, state, stride_u_b,
+                    stride_u_c, stride_delta_b, stride_delta_c, stride_B_b, stride_B_k, stride_B_n, stride_C_b,
+                    stride_C_k, stride_C_n):
+    # where the program's rows of u, delta (channel x step tiles) and B, C (state x step tiles) start, for the
+    # inputs and, with the gradients' pointers and strides, for their gradients
+    return (u_ptr + batch * stride_u_b + u_channel[:, None] * stride_u_c,
+            delta_ptr + batch * stride_delta_b + scan_channel[:, None] * stride_delta_c,
+            B_ptr + batch * stride_B_b + direction * stride_B_k + state[:, None] * stride_B_n,
+            C_ptr + batch * stride_C_b + direction * stride_C_k + state[:, None] * stride_C_n)
 
 
 @triton.jit
@@ -123,15 +131,12 @@ def _cross_scan_fwd_kernel(
         SHARED_U: tl.constexpr, HAS_D: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
         SAVE_STATES: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_T: tl.constexpr):
     compute = y_ptr.dtype.element_ty
-    direction, batch, channel, channel_ok, scan_channel, u_channel, state, state_ok = _program_block(
-        dim, n_state, SHARED_U, BLOCK_C, BLOCK_N)
+    direction, batch, channel, channel_ok, scan_channel, u_channel, state, state_ok, A, D, bias = _program_setup(
+        A_ptr, D_ptr, bias_ptr, stride_A_c, stride_A_n, y_ptr, dim, n_state, SHARED_U, BLOCK_C, BLOCK_N)
     step = tl.arange(0, BLOCK_T)
-    A, D, bias = _channel_parameters(A_ptr, D_ptr, bias_ptr, scan_channel, channel_ok, state, state_ok,
-                                     stride_A_c, stride_A_n, y_ptr)
-    u_base = u_ptr + batch * stride_u_b + u_channel[:, None] * stride_u_c
-    delta_base = delta_ptr + batch * stride_delta_b + scan_channel[:, None] * stride_delta_c
-    B_base = B_ptr + batch * stride_B_b + direction * stride_B_k + state[:, None] * stride_B_n
-    C_base = C_ptr + batch * stride_C_b + direction * stride_C_k + state[:, None] * stride_C_n
+    u_base, delta_base, B_base, C_base = _sequence_bases(
+        u_ptr, delta_ptr, B_ptr, C_ptr, batch, direction, u_channel, scan_channel, state, stride_u_b, stride_u_c,
+        stride_delta_b, stride_delta_c, stride_B_b, stride_B_k, stride_B_n, stride_C_b, stride_C_k, stride_C_n)
     y_base = y_ptr + batch * stride_y_b + channel[:, None] * stride_y_c
     states_base = (states_ptr + ((batch * tl.num_programs(1) * dim + scan_channel[:, None]) * n_chunks)
                    * n_state + state[None, :])
@@ -180,21 +185,18 @@ def _cross_scan_bwd_kernel(
         SHARED_U: tl.constexpr, HAS_D: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
         BLOCK_C: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_T: tl.constexpr):
     compute = dA_ptr.dtype.element_ty
-    direction, batch, channel, channel_ok, scan_channel, u_channel, state, state_ok = _program_block(
-        dim, n_state, SHARED_U, BLOCK_C, BLOCK_N)
+    direction, batch, channel, channel_ok, scan_channel, u_channel, state, state_ok, A, D, bias = _program_setup(
+        A_ptr, D_ptr, bias_ptr, stride_A_c, stride_A_n, dA_ptr, dim, n_state, SHARED_U, BLOCK_C, BLOCK_N)
     step = tl.arange(0, BLOCK_T)
-    A, D, bias = _channel_parameters(A_ptr, D_ptr, bias_ptr, scan_channel, channel_ok, state, state_ok,
-                                     stride_A_c, stride_A_n, dA_ptr)
     block_ok = channel_ok[:, None] & state_ok[None, :]
     gy_base = grad_y_ptr + batch * stride_gy_b + channel[:, None] * stride_gy_c
-    u_base = u_ptr + batch * stride_u_b + u_channel[:, None] * stride_u_c
-    delta_base = delta_ptr + batch * stride_delta_b + scan_channel[:, None] * stride_delta_c
-    B_base = B_ptr + batch * stride_B_b + direction * stride_B_k + state[:, None] * stride_B_n
-    C_base = C_ptr + batch * stride_C_b + direction * stride_C_k + state[:, None] * stride_C_n
-    du_base = du_ptr + batch * stride_du_b + u_channel[:, None] * stride_du_c
-    dd_base = ddelta_ptr + batch * stride_dd_b + scan_channel[:, None] * stride_dd_c
-    dB_base = dB_ptr + batch * stride_dB_b + direction * stride_dB_k + state[:, None] * stride_dB_n
-    dC_base = dC_ptr + batch * stride_dC_b + direction * stride_dC_k + state[:, None] * stride_dC_n
+    u_base, delta_base, B_base, C_base = _sequence_bases(
+        u_ptr, delta_ptr, B_ptr, C_ptr, batch, direction, u_channel, scan_channel, state, stride_u_b, stride_u_c,
+        stride_delta_b, stride_delta_c, stride_B_b, stride_B_k, stride_B_n, stride_C_b, stride_C_k, stride_C_n)
+    du_base, dd_base, dB_base, dC_base = _sequence_bases(
+        du_ptr, ddelta_ptr, dB_ptr, dC_ptr, batch, direction, u_channel, scan_channel, state, stride_du_b,
+        stride_du_c, stride_dd_b, stride_dd_c, stride_dB_b, stride_dB_k, stride_dB_n, stride_dC_b, stride_dC_k,
+        stride_dC_n)
     states_base = (states_ptr + ((batch * tl.num_programs(1) * dim + scan_channel[:, None]) * n_chunks)
                    * n_state + state[None, :])
     order_base = orders_ptr + direction * length

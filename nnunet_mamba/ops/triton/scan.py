@@ -102,10 +102,14 @@ def n_saved_states(length: int, config: ScanConfig) -> int:
     return (length + config.bwd_block_l - 1) // config.bwd_block_l
 
 
-def _check_config(config: ScanConfig) -> None:
+def _problem(u: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor, config: ScanConfig) -> tuple:
+    """(batch, dim, L, N, grouped B, grouped C, groups, saved states per row) of a scan, ``config`` checked."""
     if not config.fwd_rows and config.bwd_block_l % config.block_l:
         raise ValueError(f"bwd_block_l={config.bwd_block_l} must be a multiple of block_l={config.block_l}: the "
                          f"forward saves a state every bwd_block_l steps")
+    batch, dim, length = u.shape
+    Bg, Cg = grouped(B), grouped(C)
+    return batch, dim, length, A.shape[1], Bg, Cg, Bg.shape[1], n_saved_states(length, config)
 
 
 def scan_forward(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
@@ -114,12 +118,8 @@ def scan_forward(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torch
                  ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(out, last_state, states)``: out in u's dtype, the final state (batch, dim, N) and the chunk start states
     (batch, n_saved_states, dim, N) in float32 (empty unless ``save_states``). A, D, delta_bias must be float32."""
-    _check_config(config)
-    batch, dim, length = u.shape
-    n_state = A.shape[1]
-    Bg, Cg = grouped(B), grouped(C)
-    groups = Bg.shape[1]
-    saved = n_saved_states(length, config)
+    batch, dim, length, n_state, Bg, Cg, groups, saved = _problem(u, A, B, C, config)
+    A = A.contiguous()  # the kernels index it as (dim, N)
     out = torch.empty_like(u, memory_format=torch.contiguous_format)
     last = torch.empty(batch, dim, n_state, dtype=torch.float32, device=u.device)
     states = torch.empty((batch, saved, dim, n_state) if save_states else (0,), dtype=torch.float32,
@@ -129,14 +129,15 @@ def scan_forward(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torch
     grid = (triton.cdiv(dim // groups, config.block_d), groups, batch)
     if config.fwd_rows:
         _selective_scan_fwd_rows_kernel[grid](
-            u, delta, A.contiguous(), Bg, Cg, D, z, delta_bias, out, last, states, dim, length, dim // groups, saved,
+            u, delta, A, Bg, Cg, A if D is None else D, z, A if delta_bias is None else delta_bias, out, last, states,
+            dim, length, dim // groups, saved,
             *u.stride(), *delta.stride(), *Bg.stride(), *Cg.stride(), *_strides(z, 3), *out.stride(),
             N_STATE=n_state, N=triton.next_power_of_2(n_state), HAS_D=D is not None, HAS_Z=z is not None,
             HAS_BIAS=delta_bias is not None, SOFTPLUS=delta_softplus, SAVE_STATES=save_states,
             BLOCK_D=config.block_d, BLOCK_L=config.bwd_block_l, num_warps=config.num_warps)
         return out, last, states
     _selective_scan_fwd_kernel[grid](
-        u, delta, A.contiguous(), Bg, Cg, D, z, delta_bias, out, last, states,
+        u, delta, A, Bg, Cg, D, z, delta_bias, out, last, states,
         dim, length, dim // groups, n_state, triton.cdiv(length, config.block_l), saved,
         *u.stride(), *delta.stride(), *Bg.stride(), *Cg.stride(), *_strides(z, 3), *out.stride(),
         HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None, SOFTPLUS=delta_softplus,
@@ -151,12 +152,8 @@ def scan_backward(grad_out: torch.Tensor, grad_last: Optional[torch.Tensor], u: 
                   delta_softplus: bool, config: ScanConfig) -> Tuple[Optional[torch.Tensor], ...]:
     """Gradients ``(du, ddelta, dA, dB, dC, dD, dz, ddelta_bias)`` from :func:`scan_forward`'s saved states;
     each in its input's dtype and shape, None where the input is None."""
-    _check_config(config)
-    batch, dim, length = u.shape
-    n_state = A.shape[1]
-    Bg, Cg = grouped(B), grouped(C)
-    groups = Bg.shape[1]
-    saved = n_saved_states(length, config)
+    batch, dim, length, n_state, Bg, Cg, groups, saved = _problem(u, A, B, C, config)
+    A = A.contiguous()  # the kernels index it as (dim, N)
     if states.shape != (batch, saved, dim, n_state):
         raise ValueError(f"saved states {tuple(states.shape)} do not match bwd_block_l={config.bwd_block_l} "
                          f"(expected {(batch, saved, dim, n_state)})")
@@ -172,7 +169,7 @@ def scan_backward(grad_out: torch.Tensor, grad_last: Optional[torch.Tensor], u: 
     if u.numel() > 0:
         grid = (triton.cdiv(dim // groups, config.bwd_block_d), groups, batch)
         _selective_scan_bwd_kernel[grid](
-            u, delta, A.contiguous(), Bg, Cg, D, z, delta_bias, states, grad_out,
+            u, delta, A, Bg, Cg, A if D is None else D, z, A if delta_bias is None else delta_bias, states, grad_out,
             None if grad_last is None else grad_last.contiguous(),
             grad_u, grad_delta, grad_z, grad_A, grad_B, grad_C, grad_D, grad_bias,
             dim, length, dim // groups, saved, groups,

@@ -26,6 +26,36 @@ def _row_starts(batch, channel, stride_u_b, stride_u_d, stride_delta_b, stride_d
 
 
 @triton.jit
+def _row_program(a_ptr, b_ptr, c_ptr, d_ptr, bias_ptr, channels_per_group, stride_u_b, stride_u_d, stride_delta_b,
+                 stride_delta_d, stride_z_b, stride_z_d, stride_out_b, stride_out_d, stride_b_b, stride_b_g,
+                 stride_c_b, stride_c_g, N_STATE: tl.constexpr, N: tl.constexpr, BLOCK_D: tl.constexpr):
+    # Setup of the kernels in the row layout ((channel, time) tiles, the states one after the other): the
+    # program's channels, its D and delta_bias (an absent one comes as A's pointer, read but unused), its rows of
+    # u, delta, z and the output (or its gradient), its group's B and C, and its (channel, state) offsets and mask.
+    group, batch, channel, mask_d = _program_channels(channels_per_group, BLOCK_D)
+    n_index = tl.arange(0, N)
+    D = tl.load(d_ptr + channel, mask=mask_d, other=0.0)
+    bias = tl.load(bias_ptr + channel, mask=mask_d, other=0.0)
+    u_rows, delta_rows, z_rows, out_rows = _row_starts(batch, channel, stride_u_b, stride_u_d, stride_delta_b,
+                                                       stride_delta_d, stride_z_b, stride_z_d, stride_out_b,
+                                                       stride_out_d)
+    return (group, batch, channel, mask_d, n_index, D, bias, u_rows, delta_rows, z_rows, out_rows,
+            b_ptr + batch * stride_b_b + group * stride_b_g, c_ptr + batch * stride_c_b + group * stride_c_g,
+            channel[:, None] * N_STATE + n_index[None, :], mask_d[:, None] & (n_index < N_STATE)[None, :])
+
+
+@triton.jit
+def _row_chunk(u_ptr, delta_ptr, u_rows, delta_rows, offs, mask, stride_u_l, stride_delta_l, bias,
+               HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr):
+    # one chunk of the row layout: u, delta + delta_bias (before the softplus) and dt, (channel, time) tiles
+    u = load_f32(u_ptr + u_rows[:, None] + offs[None, :] * stride_u_l, mask)
+    raw = load_f32(delta_ptr + delta_rows[:, None] + offs[None, :] * stride_delta_l, mask)
+    if HAS_BIAS:
+        raw += bias[:, None]
+    return u, raw, time_step(raw, mask, SOFTPLUS)
+
+
+@triton.jit
 def _combine_adjoint(first_late, rest_late, value_late, first_early, rest_early, value_early):
     # A segment [i..j] of the adjoint recurrence g_t = x_t + a_{t+1} g_{t+1} is (a_i, prod a_{i+1..j}, its g_i
     # from x_i..x_j alone). Keeping a_i apart avoids shifting a by one step inside the tile. The scan runs in
@@ -107,18 +137,12 @@ def _selective_scan_fwd_rows_kernel(
         SOFTPLUS: tl.constexpr, SAVE_STATES: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_L: tl.constexpr):
     # The forward in the backward kernel's layout: (channel, time) tiles, time across the lanes, the states one
     # after the other; a state is saved at the start of every chunk.
-    group, batch, channel, mask_d = _program_channels(channels_per_group, BLOCK_D)
-    n_index = tl.arange(0, N)
-    D = tl.load(d_ptr + channel, mask=mask_d, other=0.0) if HAS_D else None
-    bias = tl.load(bias_ptr + channel, mask=mask_d, other=0.0) if HAS_BIAS else None
-    u_rows, delta_rows, z_rows, out_rows = _row_starts(
-        batch, channel, stride_u_b, stride_u_d, stride_delta_b, stride_delta_d, stride_z_b, stride_z_d,
-        stride_out_b, stride_out_d)
-    b_base = b_ptr + batch * stride_b_b + group * stride_b_g
-    c_base = c_ptr + batch * stride_c_b + group * stride_c_g
-    state_offsets = channel[:, None] * N_STATE + n_index[None, :]
-    mask_dn = mask_d[:, None] & (n_index < N_STATE)[None, :]
     is_last = tl.arange(0, BLOCK_L) == BLOCK_L - 1
+    (group, batch, channel, mask_d, n_index, D, bias, u_rows, delta_rows, z_rows, out_rows, b_base, c_base,
+     state_offsets, mask_dn) = _row_program(
+        a_ptr, b_ptr, c_ptr, d_ptr, bias_ptr, channels_per_group, stride_u_b, stride_u_d, stride_delta_b,
+        stride_delta_d, stride_z_b, stride_z_d, stride_out_b, stride_out_d, stride_b_b, stride_b_g, stride_c_b,
+        stride_c_g, N_STATE, N, BLOCK_D)
 
     h = tl.zeros((BLOCK_D, N), dtype=tl.float32)
     for chunk in range(n_chunks):
@@ -127,11 +151,8 @@ def _selective_scan_fwd_rows_kernel(
         mask = mask_d[:, None] & mask_l[None, :]
         if SAVE_STATES:
             tl.store(states_ptr + (batch * n_chunks + chunk) * dim * N_STATE + state_offsets, h, mask=mask_dn)
-        u = load_f32(u_ptr + u_rows[:, None] + offs[None, :] * stride_u_l, mask)
-        raw = load_f32(delta_ptr + delta_rows[:, None] + offs[None, :] * stride_delta_l, mask)
-        if HAS_BIAS:
-            raw += bias[:, None]
-        dt = time_step(raw, mask, SOFTPLUS)
+        u, raw, dt = _row_chunk(u_ptr, delta_ptr, u_rows, delta_rows, offs, mask, stride_u_l, stride_delta_l, bias,
+                                HAS_BIAS, SOFTPLUS)
         dtu = dt * u
         y = D[:, None] * u if HAS_D else tl.zeros((BLOCK_D, BLOCK_L), dtype=tl.float32)
         for n in range(N_STATE):
@@ -165,20 +186,14 @@ def _selective_scan_bwd_kernel(
         SOFTPLUS: tl.constexpr, HAS_DLAST: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_L: tl.constexpr):
     # du, ddelta, dz are contiguous (batch, dim, L); da (batch, dim, N), dd and dbias (batch, dim) are per-batch
     # partial sums; db, dc are zero-initialised float32 (batch, G, N, L) accumulators. Tiles are (channel, time).
-    group, batch, channel, mask_d = _program_channels(channels_per_group, BLOCK_D)
-    n_index = tl.arange(0, N)
-    D = tl.load(d_ptr + channel, mask=mask_d, other=0.0) if HAS_D else None
-    bias = tl.load(bias_ptr + channel, mask=mask_d, other=0.0) if HAS_BIAS else None
-    u_rows, delta_rows, z_rows, dout_rows = _row_starts(
-        batch, channel, stride_u_b, stride_u_d, stride_delta_b, stride_delta_d, stride_z_b, stride_z_d,
-        stride_dout_b, stride_dout_d)
-    grad_rows = (batch * dim + channel) * length  # du, ddelta, dz
-    b_base = b_ptr + batch * stride_b_b + group * stride_b_g
-    c_base = c_ptr + batch * stride_c_b + group * stride_c_g
-    bc_grad_base = (batch * groups + group) * N_STATE * length  # db, dc: (batch, G, N, L) float32
-    state_offsets = channel[:, None] * N_STATE + n_index[None, :]
-    mask_dn = mask_d[:, None] & (n_index < N_STATE)[None, :]
     is_first = tl.arange(0, BLOCK_L) == 0
+    (group, batch, channel, mask_d, n_index, D, bias, u_rows, delta_rows, z_rows, dout_rows, b_base, c_base,
+     state_offsets, mask_dn) = _row_program(
+        a_ptr, b_ptr, c_ptr, d_ptr, bias_ptr, channels_per_group, stride_u_b, stride_u_d, stride_delta_b,
+        stride_delta_d, stride_z_b, stride_z_d, stride_dout_b, stride_dout_d, stride_b_b, stride_b_g, stride_c_b,
+        stride_c_g, N_STATE, N, BLOCK_D)
+    grad_rows = (batch * dim + channel) * length  # du, ddelta, dz
+    bc_grad_base = (batch * groups + group) * N_STATE * length  # db, dc: (batch, G, N, L) float32
 
     # carry: a_{t+1} g_{t+1} entering the chunk's last step t from the right, per state
     if HAS_DLAST:
@@ -193,11 +208,8 @@ def _selective_scan_bwd_kernel(
         offs = chunk * BLOCK_L + tl.arange(0, BLOCK_L)
         mask_l = offs < length
         mask = mask_d[:, None] & mask_l[None, :]
-        u = load_f32(u_ptr + u_rows[:, None] + offs[None, :] * stride_u_l, mask)
-        raw = load_f32(delta_ptr + delta_rows[:, None] + offs[None, :] * stride_delta_l, mask)
-        if HAS_BIAS:
-            raw += bias[:, None]
-        dt = time_step(raw, mask, SOFTPLUS)
+        u, raw, dt = _row_chunk(u_ptr, delta_ptr, u_rows, delta_rows, offs, mask, stride_u_l, stride_delta_l, bias,
+                                HAS_BIAS, SOFTPLUS)
         dtu = dt * u
         dout = load_f32(dout_ptr + dout_rows[:, None] + offs[None, :] * stride_dout_l, mask)
         if HAS_Z:
