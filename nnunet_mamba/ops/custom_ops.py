@@ -5,7 +5,7 @@ gradient (D, z or delta_bias not given) travels as an empty tensor and becomes N
 """
 from __future__ import annotations
 
-from typing import Callable, Optional, Tuple, Union
+from typing import Any, Callable, Optional, Tuple, Union
 
 import torch
 from torch import Tensor
@@ -38,7 +38,7 @@ def fake_input_grads(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, 
     return tuple(u.new_empty(0) if t is None else t.new_empty(t.shape) for t in (u, delta, A, B, C, D, z, delta_bias))
 
 
-def register_scan_autograd(forward_op, backward_name: str, settings: Callable[[tuple], tuple]) -> None:
+def register_scan_autograd(forward_op: Any, backward_name: str, settings: Callable[[tuple], tuple]) -> None:
     """Autograd for a forward op returning ``(out, last state, saved states)`` whose backward op
     ``torch.ops.nnunet_mamba.<backward_name>`` takes ``(grad_out, grad_last, the 8 inputs, saved states,
     *settings(forward inputs))``. The saved states are not differentiable."""

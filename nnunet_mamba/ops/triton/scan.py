@@ -22,7 +22,7 @@ Backward: one program per (channel block, group, batch) as well, but the time ax
 other in an unrolled loop. So no gradient needs a sum over N across lanes (they accumulate in registers over the
 loop), and each (channel block, state) pair costs two scans along the lanes: the chunk's forward states,
 recomputed from the state saved at its start, and the adjoint ``g_t = C_t dy_t + a_{t+1} g_{t+1}`` (a reverse
-scan). Putting N across the lanes there too (as in the forward) made forward + backward 1.8x slower: three
+scan). Putting N across the lanes there too (as in the forward) was slower (docs/measurements.md): three
 sums over N per step.
 
 What is stored for the backward pass: the state at the start of every backward chunk, float32,
