@@ -15,11 +15,12 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 
 import nnunet_mamba
 import nnunet_mamba.ops.cross_scan as cross_scan
+from nnunet_mamba.ops.backend import triton_interpreted, triton_kernels
 from nnunet_mamba.layers.tom import DIRECTIONS as TOM_DIRECTIONS
 from nnunet_mamba.layers.tom import ORDER_NAMES as TOM_ORDER_NAMES
 from nnunet_mamba.layers.vss import SCAN_DIRECTIONS, SS2D
 from nnunet_mamba.ops import BackendUnavailableError, selective_scan_reference
-from nnunet_mamba.ops.cross_scan import cross_selective_scan, inverse_orders, scan_orders
+from nnunet_mamba.ops import cross_selective_scan, inverse_orders, scan_orders
 
 ALL_2D = ("hw", "wh", "-hw", "-wh")
 ALL_3D = tuple(sign + "".join(p) for sign in ("", "-") for p in itertools.permutations("dhw"))
@@ -193,7 +194,7 @@ def test_compiled_fullgraph_equals_eager():
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 def test_fake_tensors_give_shapes_and_gradients(backend):
-    if backend == "triton" and cross_scan._TRITON_ERROR is not None:
+    if backend == "triton" and triton_kernels() is None:
         pytest.skip("triton is not installed")
     shape, directions = CASES["3d"]
     inputs = make_inputs(shape, directions, shared=False, dtype=torch.float32)
@@ -219,7 +220,7 @@ def test_backend_choice(monkeypatch):
     torch.testing.assert_close(cross_selective_scan(*args), expected)
     monkeypatch.setenv("NNUNET_MAMBA_BACKEND", "auto")  # CPU tensors: the gather/scatter path
     torch.testing.assert_close(cross_selective_scan(*args), expected)
-    if not cross_scan._INTERPRETED:  # no interpreter: the fused kernels need CUDA tensors
+    if not triton_interpreted():  # no interpreter: the fused kernels need CUDA tensors
         monkeypatch.setenv("NNUNET_MAMBA_BACKEND", "triton")
         with pytest.raises(BackendUnavailableError, match="triton"):
             cross_selective_scan(*args)
@@ -274,12 +275,20 @@ def test_compiled_ss2d_fullgraph_equals_eager():
 
 
 def test_ss2d_cross_scan_formulation_equals_the_copied_one():
-    """SS2D's two scan paths (nnunet_mamba.layers.vss): x_proj in image order + the cross scan (here its
-    gather/scatter path) vs four permuted copies + one grouped selective_scan, in values and gradients."""
+    """projected_cross_scan's two paths (nnunet_mamba.ops.cross_scan), with SS2D's parameters: x_proj in image
+    order + the cross scan (here its gather/scatter path) vs the directions' copies projected + one folded
+    selective_scan, in values and gradients."""
     m = distinct_ss2d()
     h = torch.randn(2, m.d_inner, 5, 7, dtype=torch.float64)  # not square: a transposition mistake would show
+    orders = scan_orders((5, 7), SCAN_DIRECTIONS)
+
+    def parameters():
+        return (m.x_proj_weight, m.dt_projs_weight, -torch.exp(m.A_logs.float()), m.Ds.float(),
+                m.dt_projs_bias.float().view(-1), orders)
+
     results = []
-    for scan in (lambda t: m._fused_scan(t, backend="torch"), m._copied_scan):
+    for scan in (lambda t: cross_scan._projected_fused(t.flatten(2), *parameters(), backend="torch"),
+                 lambda t: cross_scan._projected_copies(t.flatten(2), *parameters(), backend="torch")):
         m.zero_grad()
         t = h.clone().requires_grad_()
         y = scan(t)
@@ -287,7 +296,7 @@ def test_ss2d_cross_scan_formulation_equals_the_copied_one():
         results.append((y.detach(), {"h": t.grad, **{n: p.grad.clone() for n, p in m.named_parameters()
                                                      if p.grad is not None}}))
     (y, grads), (y_ref, grads_ref) = results
-    assert y.shape == (2, 5, 7, m.d_inner)
+    assert y.shape == (2, m.d_inner, 5 * 7)
     torch.testing.assert_close(y, y_ref, rtol=1e-10, atol=1e-12)
     assert grads.keys() == grads_ref.keys() and {"x_proj_weight", "A_logs", "Ds"} <= grads.keys()
     for name in grads:
@@ -323,7 +332,7 @@ def largest_error(result, expected) -> float:
 
 
 def interpreter_report() -> dict:
-    assert cross_scan._INTERPRETED, "run with TRITON_INTERPRET=1"
+    assert triton_interpreted(), "run with TRITON_INTERPRET=1"
     cross_scan._CHUNK = INTERPRETER_CHUNK
     report = {}
     for name, (case, shared, dim, n, dtype, option) in INTERPRETER_CASES.items():

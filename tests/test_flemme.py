@@ -9,13 +9,13 @@ from batchgeneratorsv2.transforms.utils.deep_supervision_downsampling import Dow
 from torch._subclasses.fake_tensor import is_fake
 
 from conftest import load_manifest
-from nnunet_mamba.layers.flemme import (CombinationLayer, ConvBlock, MambaBlock, PatchEmbedding, PatchExpanding,
-                                        PatchMerging, PatchRecovery, ResConvBlock, ResMambaBlock, ResSwinBlock,
+from nnunet_mamba.layers.flemme import (CombinationLayer, FlemmeConvBlock, MambaBlock, PatchEmbedding, PatchExpanding,
+                                        PatchMerging, PatchRecovery, FlemmeResConvBlock, ResMambaBlock, ResSwinBlock,
                                         SwinBlock, flemme_directions, strided_conv)
 from nnunet_mamba.networks import create_network, get_network_spec, list_networks, plan_kwargs
 from nnunet_mamba.networks.flemme import BUILDING_BLOCKS, ENCODERS, TABLE3_PARAMETERS, FlemmeNet, flemme_table3
 from nnunet_mamba.networks.flemme_layout import FlemmeLayout
-from nnunet_mamba.ops.cross_scan import scan_orders
+from nnunet_mamba.ops import scan_orders
 
 # small networks: one thread (see conftest.one_thread)
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -46,10 +46,10 @@ def test_convolution_blocks_keep_the_map_and_change_the_width(dim):
     x = torch.randn(2, 3, *SIZES[dim])
     norm = {"norm_op": torch.nn.InstanceNorm2d if dim == 2 else torch.nn.InstanceNorm3d,
             "norm_op_kwargs": {"affine": True}, "nonlin": torch.nn.LeakyReLU, "nonlin_kwargs": None}
-    for block in (ConvBlock(CONV[dim], 3, 5, 3, **norm), ResConvBlock(CONV[dim], 3, 5, 3, **norm),
-                  ConvBlock(CONV[dim], 3, 5, [1] + [3] * (dim - 1), **norm, attention_heads=2)):
+    for block in (FlemmeConvBlock(CONV[dim], 3, 5, 3, **norm), FlemmeResConvBlock(CONV[dim], 3, 5, 3, **norm),
+                  FlemmeConvBlock(CONV[dim], 3, 5, [1] + [3] * (dim - 1), **norm, attention_heads=2)):
         assert block(x).shape == (2, 5, *SIZES[dim])
-    assert isinstance(ResConvBlock(CONV[dim], 5, 5, 3, **norm).shortcut, torch.nn.Identity)
+    assert isinstance(FlemmeResConvBlock(CONV[dim], 5, 5, 3, **norm).shortcut, torch.nn.Identity)
 
 
 @pytest.mark.parametrize("dim", [2, 3])

@@ -3,8 +3,8 @@ import pytest
 import torch
 
 from nnunet_mamba.ops import selective_scan, selective_scan_reference
-from nnunet_mamba.ops._scan_bench import ISSUE_SHAPES, benchmark_scan_shapes
-from nnunet_mamba.ops.selective_scan import cuda_backend_status, triton_backend_status
+from nnunet_mamba.cli.benchmark_kernels import ISSUE_SHAPES, benchmark_scan_shapes
+from nnunet_mamba.ops import cuda_backend_status, triton_backend_status
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
 needs_mamba_ssm = pytest.mark.skipif(not cuda_backend_status()[0], reason="needs mamba-ssm")

@@ -1,20 +1,18 @@
 """The fused cross-scan kernels against the gather/scatter path on a CUDA device at realistic sizes (skipped where
-there is no GPU or no triton). ``pytest -s`` also prints timings and a small block-size sweep."""
+there is no GPU or no triton). Timings and a tile sweep: nnunet_mamba.cli.benchmark_kernels.cross_scan_tile_sweep."""
 import math
-import time
 
 import pytest
 import torch
 
-import nnunet_mamba.ops.cross_scan as cross_scan
 from nnunet_mamba.layers.tom import DIRECTIONS as TOM_DIRECTIONS
 from nnunet_mamba.layers.tom import ORDER_NAMES as TOM_ORDER_NAMES
 from nnunet_mamba.layers.vss import SCAN_DIRECTIONS, SS2D
-from nnunet_mamba.ops.cross_scan import cross_selective_scan, scan_orders
-from nnunet_mamba.ops.selective_scan import cuda_backend_status
+from nnunet_mamba.ops import cross_selective_scan, cuda_backend_status, scan_orders
+from nnunet_mamba.ops.backend import triton_kernels
 
 pytestmark = [pytest.mark.gpu,
-              pytest.mark.skipif(not torch.cuda.is_available() or cross_scan._TRITON_ERROR is not None,
+              pytest.mark.skipif(not torch.cuda.is_available() or triton_kernels() is None,
                                  reason="needs CUDA and triton")]
 
 TOM = tuple(TOM_ORDER_NAMES[d] for d in TOM_DIRECTIONS)
@@ -97,36 +95,3 @@ def test_ss2d_fused_equals_the_copied_path(monkeypatch, autocast):
     assert relative_error(y, y_ref) < 1e-4
     for key in grads:
         assert relative_error(grads[key], grads_ref[key]) < 1e-3, key
-
-
-def _milliseconds(fn, repeat=10) -> float:
-    fn()
-    torch.cuda.synchronize()
-    start = time.perf_counter()
-    for _ in range(repeat):
-        fn()
-    torch.cuda.synchronize()
-    return 1e3 * (time.perf_counter() - start) / repeat
-
-
-@pytest.mark.parametrize("name", ["ss2d", "tom_per_direction"])
-def test_print_timings_and_block_sweep(name, monkeypatch):
-    """Informational (pytest -s): forward and forward + backward times of both paths, and of the fused kernels
-    under a few tile settings (module constants _BLOCK_C, _CHUNK)."""
-    inputs, orders = make_inputs(*SHAPES[name])
-    args = [inputs[k] for k in ("u", "delta", "A", "B", "C")]
-
-    def forward(backend):
-        with torch.no_grad():
-            cross_selective_scan(*args, orders, inputs["D"], inputs["delta_bias"], True, backend=backend)
-
-    lines = [f"{name}: gather/scatter ({REFERENCE}) forward {_milliseconds(lambda: forward(REFERENCE)):.2f} ms, "
-             f"forward + backward {_milliseconds(lambda: run(inputs, orders, REFERENCE)):.2f} ms"]
-    for block_c in (4, 8, 16):
-        for chunk in (16, 32, 64):
-            monkeypatch.setattr(cross_scan, "_BLOCK_C", block_c)
-            monkeypatch.setattr(cross_scan, "_CHUNK", chunk)
-            lines.append(f"{name}: fused _BLOCK_C={block_c} _CHUNK={chunk}: forward "
-                         f"{_milliseconds(lambda: forward('triton')):.2f} ms, forward + backward "
-                         f"{_milliseconds(lambda: run(inputs, orders, 'triton')):.2f} ms")
-    print("\n" + "\n".join(lines))

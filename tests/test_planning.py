@@ -27,7 +27,7 @@ from nnunet_mamba.trainers import (nnUNetTrainerSegResMamba, nnUNetTrainerSwinUM
 
 CLASSES = 3  # dataset.json below: background + 2 labels
 # the module, which nnunet_mamba.ops shadows with its function of the same name
-scan_module = importlib.import_module("nnunet_mamba.ops.selective_scan")
+backend_module = importlib.import_module("nnunet_mamba.ops.backend")
 
 
 # small networks: one thread (see conftest.one_thread)
@@ -140,12 +140,12 @@ def test_estimate_includes_the_mamba_layers():
 def test_estimate_needs_neither_mamba_ssm_nor_a_gpu(monkeypatch):
     monkeypatch.setitem(sys.modules, "mamba_ssm", None)  # importing it now fails
     monkeypatch.setenv("NNUNET_MAMBA_BACKEND", "cuda")  # even a forced CUDA backend is not used
-    scan_module._mamba_ssm_kernels.cache_clear()
+    backend_module._mamba_ssm_kernels.cache_clear()
     try:
         estimate = estimate_training_memory_gib("umamba_enc", {**small_unet_kwargs(), "input_size": [64, 64]},
                                                 [64, 64], 2, CLASSES, 1)
     finally:
-        scan_module._mamba_ssm_kernels.cache_clear()
+        backend_module._mamba_ssm_kernels.cache_clear()
     assert 0 < estimate < 1
 
 

@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 from batchgeneratorsv2.transforms.utils.deep_supervision_downsampling import DownsampleSegForDSTransform
 
-import nnunet_mamba.layers.tom as tom_module
+import nnunet_mamba.ops.cross_scan as cross_scan_module
 from nnunet_mamba.layers import Mamba
 from nnunet_mamba.layers.tom import DIRECTIONS, ToM, inverse_order, scan_order
 from nnunet_mamba.networks.registry import create_network, get_network_spec
@@ -98,7 +98,7 @@ def test_each_direction_scans_its_own_order(monkeypatch):
         seen.update(u=u, B=B, C=C)
         return u
 
-    monkeypatch.setattr(tom_module, "selective_scan", identity_scan)
+    monkeypatch.setattr(cross_scan_module, "selective_scan", identity_scan)  # the scan its directions fold into
     projected = []
     tom.in_proj.register_forward_hook(lambda module, args, out: projected.append(out))
     x = torch.randn(1, 4, *SHAPE)

@@ -7,7 +7,8 @@ from nnunet_mamba.ops import (BackendUnavailableError, resolve_backend, selectiv
                               selective_scan_torch)
 
 # the package re-exports the function under the module's name, so fetch the module itself
-scan_module = importlib.import_module("nnunet_mamba.ops.selective_scan")
+backend_module = importlib.import_module("nnunet_mamba.ops.backend")
+torch_scan_module = importlib.import_module("nnunet_mamba.ops.torch_scan")
 
 
 def make_inputs(batch=2, dim=6, length=37, n=4, groups=None, dtype=torch.float64, seed=0):
@@ -42,8 +43,8 @@ def call(fn, inputs, opts, **extra):
 @pytest.fixture
 def small_chunks(monkeypatch):
     """Force several chunks so chunk boundaries (state and adjoint carries) are exercised."""
-    monkeypatch.setattr(scan_module, "_MIN_CHUNK", 4)
-    monkeypatch.setattr(scan_module, "_CHUNK_ELEMENTS", 1)
+    monkeypatch.setattr(torch_scan_module, "_MIN_CHUNK", 4)
+    monkeypatch.setattr(torch_scan_module, "_CHUNK_ELEMENTS", 1)
 
 
 @pytest.mark.parametrize("groups", [None, 1, 3])
@@ -80,8 +81,8 @@ def test_torch_backend_gradcheck(groups, small_chunks):
 def test_chunking_does_not_change_values(monkeypatch):
     inputs = make_inputs(length=50, dtype=torch.float32)
     whole = call(selective_scan_torch, inputs, OPTIONS[2])
-    monkeypatch.setattr(scan_module, "_MIN_CHUNK", 3)
-    monkeypatch.setattr(scan_module, "_CHUNK_ELEMENTS", 1)
+    monkeypatch.setattr(torch_scan_module, "_MIN_CHUNK", 3)
+    monkeypatch.setattr(torch_scan_module, "_CHUNK_ELEMENTS", 1)
     chunked = call(selective_scan_torch, inputs, OPTIONS[2])
     torch.testing.assert_close(whole, chunked, rtol=1e-5, atol=1e-5)
 
@@ -112,7 +113,7 @@ def test_backend_selection(monkeypatch):
 
 def test_forcing_cuda_without_mamba_ssm_fails_clearly(monkeypatch):
     missing = (None, "ModuleNotFoundError: No module named 'mamba_ssm'")
-    monkeypatch.setattr(scan_module, "_mamba_ssm_kernels", lambda: missing)
+    monkeypatch.setattr(backend_module, "_mamba_ssm_kernels", lambda: missing)
     monkeypatch.setenv("NNUNET_MAMBA_BACKEND", "cuda")
     inputs = make_inputs(dtype=torch.float32)
     with pytest.raises(BackendUnavailableError, match="mamba-ssm cannot be imported.*NNUNET_MAMBA_BACKEND=torch"):
@@ -120,7 +121,7 @@ def test_forcing_cuda_without_mamba_ssm_fails_clearly(monkeypatch):
 
 
 def test_forcing_cuda_on_cpu_tensors_fails_clearly(monkeypatch):
-    monkeypatch.setattr(scan_module, "_mamba_ssm_kernels", lambda: (object(), None))
+    monkeypatch.setattr(backend_module, "_mamba_ssm_kernels", lambda: (object(), None))
     with pytest.raises(BackendUnavailableError, match="only runs on CUDA tensors"):
         resolve_backend(torch.device("cpu"), "cuda")
 

@@ -11,7 +11,7 @@ from nnunet_mamba.layers.vss import SS2D, FinalPatchExpand_X4, PatchExpand, Patc
 from nnunet_mamba.networks import create_network, get_network_spec
 from nnunet_mamba.networks.swin_umamba import SwinUMamba, SwinUMambaD  # registers both
 from nnunet_mamba.networks.vmamba_weights import load_vmamba_encoder
-from nnunet_mamba.ops.selective_scan import selective_scan_reference
+from nnunet_mamba.ops import selective_scan_reference
 
 MANIFESTS = {
     "swin_umamba_in1_cls14": (SwinUMamba, 1, 14),

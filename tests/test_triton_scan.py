@@ -17,7 +17,7 @@ import torch
 from nnunet_mamba.ops import (BackendUnavailableError, resolve_backend, selective_scan, selective_scan_reference,
                               selective_scan_torch, selective_scan_triton)
 
-scan_module = importlib.import_module("nnunet_mamba.ops.selective_scan")
+backend_module = importlib.import_module("nnunet_mamba.ops.backend")
 
 HAS_TRITON = importlib.util.find_spec("triton") is not None
 INTERPRETING = os.environ.get("TRITON_INTERPRET") == "1"
@@ -38,8 +38,8 @@ def test_kernels_in_interpreter():
 
 @pytest.fixture
 def interpreted():
-    """nnunet_mamba.ops.triton_scan, its kernels running in Triton's interpreter."""
-    kernels = importlib.import_module("nnunet_mamba.ops.triton_scan")
+    """nnunet_mamba.ops.triton, its kernels running in Triton's interpreter."""
+    kernels = importlib.import_module("nnunet_mamba.ops.triton")
     assert kernels.INTERPRETED
     return kernels
 
@@ -174,21 +174,22 @@ def test_triton_backend_selection(interpreted, monkeypatch):
     monkeypatch.delenv("NNUNET_MAMBA_BACKEND", raising=False)
     assert resolve_backend(torch.device("cpu")) == "torch"  # the interpreter is for tests, never picked by auto
     assert resolve_backend(torch.device("cpu"), "triton") == "triton"
-    monkeypatch.setattr(scan_module, "_mamba_ssm_kernels", lambda: (None, "ModuleNotFoundError: mamba_ssm"))
+    monkeypatch.setattr(backend_module, "_mamba_ssm_kernels", lambda: (None, "ModuleNotFoundError: mamba_ssm"))
     assert resolve_backend(torch.device("cuda")) == "triton"
-    monkeypatch.setattr(scan_module, "_mamba_ssm_kernels", lambda: (object(), None))
+    monkeypatch.setattr(backend_module, "_mamba_ssm_kernels", lambda: (object(), None))
     assert resolve_backend(torch.device("cuda")) == "cuda"  # both can run: mamba-ssm first
-    monkeypatch.setattr(scan_module, "AUTO_CUDA_PREFERENCE", ("triton", "cuda", "torch"))
+    monkeypatch.setattr(backend_module, "AUTO_CUDA_PREFERENCE", ("triton", "cuda", "torch"))
     assert resolve_backend(torch.device("cuda")) == "triton"
 
 
 @in_parent
 def test_forcing_triton_without_triton_fails_clearly(monkeypatch):
-    monkeypatch.setattr(scan_module, "_triton_kernels", lambda: (None, "ModuleNotFoundError: No module named 'triton'"))
+    monkeypatch.setattr(backend_module, "_triton_kernels",
+                        lambda: (None, "ModuleNotFoundError: No module named 'triton'"))
     monkeypatch.setenv("NNUNET_MAMBA_BACKEND", "triton")
     with pytest.raises(BackendUnavailableError, match="triton cannot be imported.*NNUNET_MAMBA_BACKEND=torch"):
         selective_scan(**make_inputs())
-    monkeypatch.setattr(scan_module, "_mamba_ssm_kernels", lambda: (None, "ModuleNotFoundError: mamba_ssm"))
+    monkeypatch.setattr(backend_module, "_mamba_ssm_kernels", lambda: (None, "ModuleNotFoundError: mamba_ssm"))
     monkeypatch.setenv("NNUNET_MAMBA_BACKEND", "auto")
     assert resolve_backend(torch.device("cuda")) == "torch"
 
@@ -196,7 +197,7 @@ def test_forcing_triton_without_triton_fails_clearly(monkeypatch):
 @in_parent
 def test_forcing_triton_on_cpu_tensors_fails_clearly(monkeypatch):
     compiled = type("CompiledKernels", (), {"INTERPRETED": False})
-    monkeypatch.setattr(scan_module, "_triton_kernels", lambda: (compiled, None))
+    monkeypatch.setattr(backend_module, "_triton_kernels", lambda: (compiled, None))
     with pytest.raises(BackendUnavailableError, match="run on CUDA tensors.*TRITON_INTERPRET=1"):
         resolve_backend(torch.device("cpu"), "triton")
 

@@ -78,7 +78,7 @@ def _networks(args: argparse.Namespace, dim: int) -> List[str]:
 
 
 def run_kernels(args: argparse.Namespace) -> int:
-    from ..ops._scan_bench import benchmark_scan_shapes
+    from .benchmark_kernels import benchmark_scan_shapes
 
     device = torch.device(args.device)
     if device.type != "cuda":

@@ -87,7 +87,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"# {name}: {value if value else 'NOT SET (nnU-Net needs it: export ' + name + '=/path)'}")
     import torch
 
-    from ..ops import cuda_backend_status, requested_backend, triton_backend_status
+    from ..ops import BACKEND_ENV, cuda_backend_status, requested_backend, triton_backend_status
 
     print(f"# nnunet-mamba {__version__} | torch {torch.__version__} | nnunetv2 {_version('nnunetv2')} | "
           f"mamba-ssm {_version('mamba-ssm')} | causal-conv1d {_version('causal-conv1d')}")
@@ -97,12 +97,12 @@ def run(args: argparse.Namespace) -> int:
         print("# GPU: none visible (training and inference run on the CPU: nnUNetv2_train ... -device cpu)")
     try:
         backend = requested_backend()
-    except ValueError as exc:  # a bad NNUNET_MAMBA_BACKEND: say so here, the export above still applies
+    except ValueError as exc:  # a bad backend setting: say so here, the export above still applies
         print(f"# selective scan: ERROR: {exc} (training would stop with this error)")
         return 0
     ok, why = cuda_backend_status()
     triton_ok, triton_why = triton_backend_status()
-    print(f"# selective scan: NNUNET_MAMBA_BACKEND={backend}; cuda backend "
+    print(f"# selective scan: {BACKEND_ENV}={backend}; cuda backend "
           f"{'available' if ok else 'unavailable'} ({why}); triton backend "
           f"{'available' if triton_ok else 'unavailable'} ({triton_why}); torch backend always available")
     return 0

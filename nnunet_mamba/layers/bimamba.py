@@ -6,9 +6,9 @@ scans, one over the token sequence and one over the reversed sequence, each with
 ``A_b_log``, ``D_b``). The reversed branch's output is flipped back and the two are summed, halved when
 ``divide_out`` (Vim's ``if_divide_out``), then projected. Parameter names, shapes and initialisation are Vim's.
 
-Both directions run as a single selective scan: the reversed branch is stacked onto the channel axis (2 * d_inner
-channels) with grouped B/C (group 0 forward, group 1 reversed), so the two directions cost one kernel launch (one
-chunked scan on the PyTorch backend) instead of two.
+Both directions run as a single selective scan (:func:`nnunet_mamba.ops.cross_scan.folded_selective_scan`): the
+reversed branch is stacked onto the channel axis (2 * d_inner channels) with grouped B/C (group 0 forward, group 1
+reversed), so the two directions cost one kernel launch (one chunked scan on the PyTorch backend) instead of two.
 
 :class:`ViMBlock` is Vim's block with ``rms_norm=True, residual_in_fp32=True``. Vim writes it as
 ``Add -> RMSNorm -> Mixer`` (to fuse the add with the norm), which is the usual pre-norm residual block
@@ -22,14 +22,15 @@ import torch.nn.functional as F
 from timm.layers import DropPath
 from torch import nn
 
-from ..ops import selective_scan
+from ..ops import folded_selective_scan
 from .mamba import Mamba
 
 
 class RMSNorm(nn.Module):
     """x / sqrt(mean(x^2) + eps) * weight over the last axis, computed in float32 (mamba-ssm's RMSNorm).
 
-    Written out because ``torch.nn.RMSNorm`` needs torch >= 2.4 and this package supports torch >= 2.1.
+    Written out rather than ``torch.nn.RMSNorm`` for mamba-ssm's numerics: the norm in float32 whatever the input
+    dtype (float64 stays float64), the result cast back.
     """
 
     def __init__(self, dim: int, eps: float = 1e-5) -> None:
@@ -84,14 +85,13 @@ class BiMamba(Mamba):
         u_f, u_b = u.chunk(2, dim=1)
         delta_f, B_f, C_f = self._branch_projections(u_f, self.x_proj, self.dt_proj)
         delta_b, B_b, C_b = self._branch_projections(u_b, self.x_proj_b, self.dt_proj_b)
-        y = selective_scan(
-            u, torch.cat([delta_f, delta_b], dim=1),
+        y = folded_selective_scan(
+            u.unflatten(1, (2, self.d_inner)), torch.stack([delta_f, delta_b], dim=1),
             -torch.exp(torch.cat([self.A_log, self.A_b_log]).float()),
             torch.stack([B_f, B_b], dim=1), torch.stack([C_f, C_b], dim=1),  # grouped: (batch, 2, N, L)
-            torch.cat([self.D, self.D_b]).float(), z=z2,
+            torch.cat([self.D, self.D_b]).float(), z=z2.unflatten(1, (2, self.d_inner)),
             delta_bias=torch.cat([self.dt_proj.bias, self.dt_proj_b.bias]).float(), delta_softplus=True)
-        y_f, y_b = y.chunk(2, dim=1)
-        y = y_f + y_b.flip(-1)
+        y = y[:, 0] + y[:, 1].flip(-1)
         if self.divide_out:
             y = y / 2
         return self.out_proj(y.transpose(1, 2))

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..ops import resolve_backend, selective_scan
+from .ssm import init_mamba_ssm_
 
 
 @lru_cache(maxsize=None)
@@ -55,26 +56,10 @@ class Mamba(nn.Module):
         self.x_proj = nn.Linear(self.d_inner, self.dt_rank + 2 * d_state, bias=False, **factory)
         self.dt_proj = nn.Linear(self.dt_rank, self.d_inner, bias=True, **factory)
 
-        # dt_proj: weights keep the variance of dt at initialisation; bias is softplus^-1 of dt ~ logU[dt_min, dt_max]
-        std = self.dt_rank ** -0.5 * dt_scale
-        if dt_init == "constant":
-            nn.init.constant_(self.dt_proj.weight, std)
-        elif dt_init == "random":
-            nn.init.uniform_(self.dt_proj.weight, -std, std)
-        else:
-            raise ValueError(f"dt_init must be 'random' or 'constant', got {dt_init!r}")
-        dt = torch.exp(torch.rand(self.d_inner, **factory) * (math.log(dt_max) - math.log(dt_min))
-                       + math.log(dt_min)).clamp(min=dt_init_floor)
-        with torch.no_grad():
-            self.dt_proj.bias.copy_(dt + torch.log(-torch.expm1(-dt)))
-        self.dt_proj.bias._no_reinit = True
-
-        # S4D-real initialisation: A = -(1..N) for every channel, stored as log
-        A = torch.arange(1, d_state + 1, dtype=torch.float32, device=device).repeat(self.d_inner, 1)
-        self.A_log = nn.Parameter(torch.log(A))
-        self.A_log._no_weight_decay = True
-        self.D = nn.Parameter(torch.ones(self.d_inner, device=device))
-        self.D._no_weight_decay = True
+        self.A_log = nn.Parameter(torch.empty(self.d_inner, d_state, dtype=torch.float32, device=device))
+        self.D = nn.Parameter(torch.empty(self.d_inner, device=device))
+        init_mamba_ssm_(self.dt_proj.weight, self.dt_proj.bias, self.A_log, self.D, dt_scale=dt_scale,
+                        dt_init=dt_init, dt_min=dt_min, dt_max=dt_max, dt_init_floor=dt_init_floor)
 
         self.out_proj = nn.Linear(self.d_inner, d_model, bias=bias, **factory)
 

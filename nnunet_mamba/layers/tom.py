@@ -12,18 +12,16 @@ Design: shared input and output projections, as SegMamba's ToM (``bimamba_type="
     Both projections are per-token linear maps, so shared ones are computed once for all three orders
     (x W_in permuted is (x permuted) W_in; out_proj(a) + out_proj(b) + out_proj(c) = out_proj(a + b + c) for
     the bias-free out_proj), and the gate silu(z) is applied once, after the three outputs are back in
-    voxel order. Measured (LayerNorm included; expand 2, d_state 16), shared versus three full Mamba layers:
+    voxel order. Shared versus three full Mamba layers (LayerNorm included; expand 2, d_state 16):
       parameters       C = 48: 31,488 vs 59,136; C = 384: 1,122,816 vs 2,892,288; SegResMamba's eight ToMs
                        (two per width 48, 96, 192, 384): 3,121,920 vs 7,822,080
       matmul MACs      C = 48 on 16^3 voxels: 106M vs 219M; C = 192 on 8^3: 149M vs 375M
-      CPU time         1 thread, pure-PyTorch scan, batch 1, median of 8 (CPU time on a shared machine):
-                       C = 48 on 16^3 forward 0.55 s vs 0.56 s, forward + backward 1.92 s vs 1.89 s;
-                       C = 192 on 8^3 forward 0.40 s vs 0.34 s, forward + backward 1.24 s vs 1.21 s.
-    The scan dominates on CPU, so the two run at about the same speed there (within 15%). Sharing saves 60%
-    of SegResMamba's ToM parameters and half the matmul work, which a GPU spends besides the scan (not
-    measured here). The three directions are folded into the channel dimension (3 * d_inner channels,
-    direction-major; B and C grouped, one group per direction), so one
-    ``selective_scan`` call, and on CUDA one mamba-ssm kernel launch instead of three, serves all of them.
+    The scan dominates on CPU, so the two run at about the same speed there (docs/measurements.md). Sharing
+    saves 60% of SegResMamba's ToM parameters and half the matmul work, which a GPU spends besides the scan. The
+    three directions are folded into the channel dimension (3 * d_inner channels,
+    direction-major; B and C grouped, one group per direction) by the multi-direction core
+    (:func:`nnunet_mamba.ops.cross_scan.folded_selective_scan`), so one ``selective_scan`` call, and on CUDA one
+    mamba-ssm kernel launch instead of three, serves all of them.
 
 Design: the scan-order copies stay, :func:`nnunet_mamba.ops.cross_selective_scan` is not used.
     The cross scan reads image-order inputs through order tables, which pays when the inputs exist in image order
@@ -36,10 +34,9 @@ Design: the scan-order copies stay, :func:`nnunet_mamba.ops.cross_selective_scan
 Like :class:`~nnunet_mamba.layers.blocks.MambaLayer`, the layer normalises the tokens (LayerNorm) and has no
 residual. Precision: the LayerNorm, the scan (inputs cast to float32, float32 output) and the merge run in float32;
 the projections and the depthwise conv follow autocast. SegResMamba's headline is memory, and its first ToM sees
-64^3 tokens: measured on an H100 (mamba-ssm, fp16 autocast, one nnU-Net step at 1x128^3), all-float32 ToMs take
-110.4 ms / 5.36 GiB at batch 1 and 194.0 ms / 10.76 GiB at batch 2; this split 101.9 ms / 4.71 GiB and
-158.2 ms / 8.62 GiB. Feeding the scan 16-bit inputs would save 0.76 GiB more at batch 1 (96.0 ms / 3.95 GiB) but
-gives up the float32 scan that keeps the originals' fp16 NaNs away.
+64^3 tokens: in float32 only where precision needs it, this split saves time and memory against all-float32
+ToMs; 16-bit scan inputs would save a little more but give up the float32 scan that keeps the originals' fp16
+NaNs away (figures in docs/measurements.md).
 """
 from __future__ import annotations
 
@@ -50,8 +47,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..ops import selective_scan
-from ..ops.cross_scan import inverse_orders, scan_orders
+from ..ops import folded_selective_scan, inverse_orders, scan_orders
+from .ssm import init_mamba_ssm_
 
 DIRECTIONS: Tuple[str, ...] = ("forward", "reverse", "inter_slice")
 # The directions in nnunet_mamba.ops.cross_scan's names: axes slowest first, "-" for reversed; the inter-slice
@@ -97,27 +94,13 @@ class ToM(nn.Module):
         self.x_proj_weight = nn.Parameter(torch.empty(n_dir, self.dt_rank + 2 * d_state, d_inner))
         self.dt_proj_weight = nn.Parameter(torch.empty(n_dir, d_inner, self.dt_rank))
         self.dt_proj_bias = nn.Parameter(torch.empty(n_dir, d_inner))
-        # S4D-real initialisation: A = -(1..N) for every channel, stored as log
-        A = torch.arange(1, d_state + 1, dtype=torch.float32).repeat(n_dir, d_inner, 1)
-        self.A_log = nn.Parameter(torch.log(A))
-        self.D = nn.Parameter(torch.ones(n_dir, d_inner))
-        self.A_log._no_weight_decay = True
-        self.D._no_weight_decay = True
-        self._init_direction_parameters(dt_min, dt_max, dt_init_floor)
-
-    @torch.no_grad()
-    def _init_direction_parameters(self, dt_min: float, dt_max: float, dt_init_floor: float) -> None:
-        """mamba-ssm's initialisation, independently for every direction."""
-        # nn.Conv1d / nn.Linear defaults: U(-1/sqrt(fan_in), 1/sqrt(fan_in))
-        nn.init.uniform_(self.conv1d_weight, -self.d_conv ** -0.5, self.d_conv ** -0.5)
-        nn.init.uniform_(self.conv1d_bias, -self.d_conv ** -0.5, self.d_conv ** -0.5)
-        nn.init.uniform_(self.x_proj_weight, -self.d_inner ** -0.5, self.d_inner ** -0.5)
-        nn.init.uniform_(self.dt_proj_weight, -self.dt_rank ** -0.5, self.dt_rank ** -0.5)
-        # dt_proj bias: softplus^-1 of dt ~ logU[dt_min, dt_max]
-        dt = torch.exp(torch.rand_like(self.dt_proj_bias) * (math.log(dt_max) - math.log(dt_min))
-                       + math.log(dt_min)).clamp(min=dt_init_floor)
-        self.dt_proj_bias.copy_(dt + torch.log(-torch.expm1(-dt)))
-        self.dt_proj_bias._no_reinit = True
+        self.A_log = nn.Parameter(torch.empty(n_dir, d_inner, d_state))
+        self.D = nn.Parameter(torch.empty(n_dir, d_inner))
+        init_mamba_ssm_(self.dt_proj_weight, self.dt_proj_bias, self.A_log, self.D, self.x_proj_weight,
+                        dt_min=dt_min, dt_max=dt_max, dt_init_floor=dt_init_floor)
+        with torch.no_grad():  # nn.Conv1d's default: U(-1/sqrt(fan_in), 1/sqrt(fan_in)), fan_in = d_conv
+            nn.init.uniform_(self.conv1d_weight, -d_conv ** -0.5, d_conv ** -0.5)
+            nn.init.uniform_(self.conv1d_bias, -d_conv ** -0.5, d_conv ** -0.5)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dim() != 5 or x.shape[1] != self.dim:
@@ -135,15 +118,14 @@ class ToM(nn.Module):
         u = torch.cat([u.index_select(2, order) for order in orders], dim=1)
         u = F.conv1d(u, self.conv1d_weight.reshape(n_dir * d_inner, 1, self.d_conv),
                      self.conv1d_bias.reshape(-1), padding=self.d_conv - 1, groups=n_dir * d_inner)
-        u = F.silu(u[..., :length])
-        x_dbl = torch.einsum("bgil,gji->bgjl", u.reshape(batch, n_dir, d_inner, length), self.x_proj_weight)
+        u = F.silu(u[..., :length]).unflatten(1, (n_dir, d_inner))  # (batch, 3, d_inner, L), a view
+        x_dbl = torch.einsum("bgil,gji->bgjl", u, self.x_proj_weight)
         dt, B, C = torch.split(x_dbl, [self.dt_rank, n, n], dim=2)  # B, C: (batch, 3, N, L), grouped
-        dt = torch.einsum("bgrl,gir->bgil", dt, self.dt_proj_weight).reshape(batch, n_dir * d_inner, length)
+        dt = torch.einsum("bgrl,gir->bgil", dt, self.dt_proj_weight)
         scan_dtype = torch.promote_types(u.dtype, torch.float32)
-        y = selective_scan(u.to(scan_dtype), dt.to(scan_dtype), -torch.exp(self.A_log.reshape(n_dir * d_inner, n)),
-                           B.to(scan_dtype).contiguous(), C.to(scan_dtype).contiguous(), D=self.D.reshape(-1),
-                           delta_bias=self.dt_proj_bias.reshape(-1), delta_softplus=True)
-        y = y.reshape(batch, n_dir, d_inner, length)
+        y = folded_selective_scan(u.to(scan_dtype), dt.to(scan_dtype), -torch.exp(self.A_log.reshape(-1, n)),
+                                  B.to(scan_dtype), C.to(scan_dtype), D=self.D.reshape(-1),
+                                  delta_bias=self.dt_proj_bias.reshape(-1), delta_softplus=True)
         merged = sum(y[:, g].index_select(2, inverse) for g, inverse in enumerate(inverse_orders(orders)))
         out = self.out_proj((merged * F.silu(z)).transpose(1, 2))  # (batch, L, dim)
         return out.transpose(1, 2).reshape(batch, self.dim, *spatial)

@@ -2,16 +2,9 @@
 
 ``SS2D`` is VMamba's 2D selective scan: the feature map is read as four sequences (row-major, column-major and
 both reversed), each scanned by its own S6 parameters, and the four outputs are summed back in image order.
-Two ways to run the four directions, chosen by :func:`nnunet_mamba.ops.cross_scan.cross_scan_backend`:
-    fused   (the ``triton`` backend: CUDA without mamba-ssm, or forced) ONE
-            :func:`~nnunet_mamba.ops.cross_selective_scan` call reads the map in each direction's order through an
-            order table and merges the outputs inside the kernel, so no permuted copy of the map is made;
-            ``x_proj`` is per token, so every direction's dt, B and C are computed in image order, in one matmul.
-    copied  (mamba-ssm's kernel, our PyTorch scan) the four sequences are written once into one buffer and go
-            through ONE :func:`~nnunet_mamba.ops.selective_scan` call, directions folded into channels (B/C
-            grouped, G = 4), then are merged back in image order.
-Measured on an H100 (Swin-UMamba, batch 12, 320x320, one nnU-Net step): copied with mamba-ssm 151.0 ms / 9.16
-GiB, fused 240.9 ms / 7.39 GiB (our Triton backward is the slower part): mamba-ssm where it is installed.
+All four run in ONE call of :func:`nnunet_mamba.ops.cross_scan.projected_cross_scan` (the layer's
+parameters and scan are :class:`~nnunet_mamba.layers.ssm.DirectionalSSM`'s), which picks the fused cross-scan
+kernels or one folded scan of the map's copies, whichever the backend makes faster.
 Parameter names and shapes are VMamba v0's (``x_proj_weight`` (4, R + 2N, d_inner), ``dt_projs_weight``
 (4, d_inner, R), ``dt_projs_bias`` (4, d_inner), ``A_logs`` (4 d_inner, N), ``Ds`` (4 d_inner)), so ImageNet
 checkpoints load unchanged.
@@ -29,21 +22,14 @@ import torch.nn.functional as F
 from timm.layers import DropPath, trunc_normal_
 from torch import nn
 
-from ..ops import selective_scan
-from ..ops.cross_scan import cross_scan_backend, cross_selective_scan, scan_orders
+from ..ops import scan_orders
+from .ssm import DirectionalSSM
 
 # VMamba v0's directions and their order (see nnunet_mamba.ops.cross_scan): row-major, column-major, both reversed
 SCAN_DIRECTIONS = ("hw", "wh", "-hw", "-wh")
 
 
-def _inverse_softplus_dt(d_inner: int, dt_min: float, dt_max: float, dt_init_floor: float) -> torch.Tensor:
-    """Mamba's dt bias: softplus^-1 of dt drawn log-uniformly in [dt_min, dt_max]."""
-    dt = torch.exp(torch.rand(d_inner) * (math.log(dt_max) - math.log(dt_min)) + math.log(dt_min))
-    dt = dt.clamp(min=dt_init_floor)
-    return dt + torch.log(-torch.expm1(-dt))
-
-
-class SS2D(nn.Module):
+class SS2D(DirectionalSSM):
     """2D selective scan over channels-last maps (batch, H, W, d_model); four directions, one scan call."""
 
     def __init__(self, d_model: int, d_state: int = 16, d_conv: int = 3, expand: int = 2,
@@ -62,25 +48,8 @@ class SS2D(nn.Module):
                                 bias=conv_bias)
         self.act = nn.SiLU()
 
-        # Per-direction projections, stacked as VMamba stores them; x_proj like nn.Linear's default init.
-        self.x_proj_weight = nn.Parameter(torch.empty(k, rank + 2 * d_state, d_inner))
-        nn.init.uniform_(self.x_proj_weight, -d_inner ** -0.5, d_inner ** -0.5)
-        # dt projections keep dt's variance at initialisation (Mamba's init)
-        std = rank ** -0.5 * dt_scale
-        if dt_init == "constant":
-            self.dt_projs_weight = nn.Parameter(torch.full((k, d_inner, rank), std))
-        elif dt_init == "random":
-            self.dt_projs_weight = nn.Parameter(torch.empty(k, d_inner, rank).uniform_(-std, std))
-        else:
-            raise ValueError(f"dt_init must be 'random' or 'constant', got {dt_init!r}")
-        self.dt_projs_bias = nn.Parameter(
-            torch.stack([_inverse_softplus_dt(d_inner, dt_min, dt_max, dt_init_floor) for _ in range(k)]))
-        # S4D-real: A = -(1..N) for every channel of every direction, stored as log
-        self.A_logs = nn.Parameter(torch.log(torch.arange(1, d_state + 1, dtype=torch.float32)).repeat(k * d_inner, 1))
-        self.A_logs._no_weight_decay = True
-        self.Ds = nn.Parameter(torch.ones(k * d_inner))
-        self.Ds._no_weight_decay = True
-
+        self._add_ssm_parameters(k, d_inner, rank, d_state, dt_scale=dt_scale, dt_init=dt_init, dt_min=dt_min,
+                                 dt_max=dt_max, dt_init_floor=dt_init_floor)
         self.out_norm = nn.LayerNorm(d_inner)
         self.out_proj = nn.Linear(d_inner, d_model, bias=bias)
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
@@ -89,60 +58,13 @@ class SS2D(nn.Module):
         if x.dim() != 4 or x.shape[-1] != self.d_model:
             raise ValueError(f"SS2D expects channels-last (batch, H, W, {self.d_model}), got {tuple(x.shape)}")
         x, z = self.in_proj(x).chunk(2, dim=-1)
-        x = self.act(self.conv2d(x.permute(0, 3, 1, 2)))  # (batch, d, H, W)
-        if cross_scan_backend(x) == "triton":
-            y = self._fused_scan(x)
-        else:
-            y = self._copied_scan(x)
-        y = self.out_norm(y)
-        return self.dropout(self.out_proj(y * F.silu(z)))
-
-    def _fused_scan(self, x: torch.Tensor, backend: str = "triton") -> torch.Tensor:
-        """The cross scan: every direction read from the image-order map through its order table (fused kernels
-        with ``triton``; the tests also run it through the gather/scatter path)."""
+        x = self.act(self.conv2d(x.permute(0, 3, 1, 2)))  # (batch, d, H, W), channels-last in memory
         batch, d, height, width = x.shape
-        length, k, n = height * width, len(SCAN_DIRECTIONS), self.d_state
-        # Tokens in image order, position-major: the depthwise conv of a channels-last map is channels-last, so
-        # this is a view, and the scan's gathers read whole channel blocks in every direction.
-        tokens = x.permute(0, 2, 3, 1).reshape(batch, length, d)
-        # Every direction's dt, B, C in image order, all directions in one matmul: (batch, L, K, R + 2N).
-        x_dbl = (tokens @ self.x_proj_weight.reshape(k * (self.dt_rank + 2 * n), d).t()).view(batch, length, k, -1)
-        dts, Bs, Cs = torch.split(x_dbl, [self.dt_rank, n, n], dim=-1)
-        dts = torch.einsum("blkr,kdr->blkd", dts, self.dt_projs_weight).reshape(batch, length, k * d)
         # The scan computes in float32 and returns float32 (float64 stays float64), as VMamba's, so the four
         # directions are summed and normalised at full precision under autocast.
-        y = cross_selective_scan(tokens.transpose(1, 2), dts.transpose(1, 2), -torch.exp(self.A_logs.float()),
-                                 Bs.permute(0, 2, 3, 1), Cs.permute(0, 2, 3, 1),
-                                 scan_orders((height, width), SCAN_DIRECTIONS, device=x.device), self.Ds.float(),
-                                 delta_bias=self.dt_projs_bias.float().view(-1), delta_softplus=True,
-                                 backend=backend)
-        return y.transpose(1, 2).reshape(batch, height, width, d)
-
-    def _copied_scan(self, x: torch.Tensor) -> torch.Tensor:
-        """One selective scan over the four sequences written into one buffer, then merged back in image order.
-
-        For mamba-ssm's kernel and our PyTorch scan: the copies are made once, for u only, and x_proj runs on them
-        (per token, so equal to projecting in image order and gathering dt, B and C, which would copy three more
-        tensors). Measured on an H100 (Swin-UMamba, batch 12, 320x320): 151.0 ms / 9.16 GiB this way against
-        189.3 ms / 11.31 GiB through the generic gather/scatter path.
-        """
-        batch, d, height, width = x.shape
-        length, k = height * width, len(SCAN_DIRECTIONS)
-        xs = x.new_empty(batch, k, d, length)  # row-major, column-major, then both reversed
-        xs[:, 0] = x.flatten(2)
-        xs[:, 1].unflatten(-1, (width, height)).copy_(x.transpose(2, 3))
-        xs[:, 2:] = xs[:, :2].flip(-1)
-        x_dbl = torch.einsum("bkdl,kcd->bkcl", xs, self.x_proj_weight)
-        dts, Bs, Cs = torch.split(x_dbl, [self.dt_rank, self.d_state, self.d_state], dim=2)
-        dts = torch.einsum("bkrl,kdr->bkdl", dts, self.dt_projs_weight)
-        dtype = torch.promote_types(xs.dtype, torch.float32)  # float32 output, as the fused path's
-        y = selective_scan(xs.to(dtype).view(batch, k * d, length), dts.to(dtype).reshape(batch, k * d, length),
-                           -torch.exp(self.A_logs.float()), Bs.to(dtype), Cs.to(dtype), self.Ds.float(),
-                           delta_bias=self.dt_projs_bias.float().view(-1), delta_softplus=True)
-        y = y.view(batch, k, d, length)
-        rows = (y[:, 0] + y[:, 2].flip(-1)).view(batch, d, height, width)
-        cols = (y[:, 1] + y[:, 3].flip(-1)).view(batch, d, width, height).transpose(2, 3)
-        return (rows + cols).permute(0, 2, 3, 1)
+        y = self._directional_scan(x.flatten(2), scan_orders((height, width), SCAN_DIRECTIONS, device=x.device))
+        y = self.out_norm(y.transpose(1, 2).reshape(batch, height, width, d))
+        return self.dropout(self.out_proj(y * F.silu(z)))
 
 
 class VSSBlock(nn.Module):

@@ -5,8 +5,8 @@ Registered names (one class each, so a plans file's ``network_class_name`` says 
 ``flemme_{resnet,unet,cattenu,swinu,mambau}`` (SeM) and ``flemme_{...}_hsem`` (H-SeM).
 
 Encoders (blocks: :mod:`nnunet_mamba.layers.flemme`; ``building_block`` picks the plain or residual variant)
-    resnet   ResConvBlock (or ConvBlock); strided-conv down-sampling; decoder WITHOUT skip connections
-    unet     ConvBlock (or ResConvBlock); U-Net skips
+    resnet   FlemmeResConvBlock (or FlemmeConvBlock); strided-conv down-sampling; decoder WITHOUT skip connections
+    unet     FlemmeConvBlock (or FlemmeResConvBlock); U-Net skips
     cattenu  unet + multi-head self-attention over all voxels after every conv block of the middle layers and
              of the deepest decoder stage (the original's configs put it on the highest-resolution decoder stage,
              which at nnU-Net patch sizes would be global attention over 10^4..10^5 tokens)

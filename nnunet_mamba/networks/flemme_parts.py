@@ -12,7 +12,7 @@ Module tree (C0 = patch width, C1..Cn = level widths, M = middle width; strides:
     decoder.seg_layers.recovery  conv family: transposed conv k=2p-p%2, stride p to the classes; token family: patch
                            expanding by p (width kept, no norm) + 1x1 conv to the classes
     H-SeM only:
-    side_blocks[j]         on the bottleneck and every decoder stage: ResConvBlock (conv family) or MambaBlock
+    side_blocks[j]         on the bottleneck and every decoder stage: FlemmeResConvBlock (conv family) or MambaBlock
                            (token family, also for swinu, as the original); with the network's norm / LayerNorm
                            (the original passes its side blocks a keyword they ignore: batch norm / no norm)
     decoder.seg_layers.sides[j]  1x1 conv to the classes (the original pads these by 1, growing each side output by 2
@@ -31,8 +31,8 @@ from torch import nn
 from torch.nn.modules.conv import _ConvNd
 
 from ..layers.blocks import conv_dim
-from ..layers.flemme import (ConvBlock, MambaBlock, PatchEmbedding, PatchExpanding, PatchMerging, PatchRecovery,
-                             ResConvBlock, ResMambaBlock, ResSwinBlock, SwinBlock, strided_conv)
+from ..layers.flemme import (FlemmeConvBlock, MambaBlock, PatchEmbedding, PatchExpanding, PatchMerging, PatchRecovery,
+                             FlemmeResConvBlock, ResMambaBlock, ResSwinBlock, SwinBlock, strided_conv)
 
 
 class ConvParts:
@@ -43,7 +43,7 @@ class ConvParts:
     def __init__(self, conv_op: type[_ConvNd], building_block: str, norm_op, norm_op_kwargs, nonlin, nonlin_kwargs,
                  attention_heads: int) -> None:
         self.conv_op = conv_op
-        self.block_class = ConvBlock if building_block == "conv" else ResConvBlock
+        self.block_class = FlemmeConvBlock if building_block == "conv" else FlemmeResConvBlock
         self.norm = {"norm_op": norm_op, "norm_op_kwargs": norm_op_kwargs, "nonlin": nonlin,
                      "nonlin_kwargs": nonlin_kwargs}
         self.attention_heads = attention_heads
@@ -66,7 +66,7 @@ class ConvParts:
         return strided_conv(self.conv_op, input_channels, num_classes, stride, transposed=True)
 
     def side_block(self, channels: int, kernel: Sequence[int]) -> nn.Module:
-        return ResConvBlock(self.conv_op, channels, channels, kernel, **self.norm)
+        return FlemmeResConvBlock(self.conv_op, channels, channels, kernel, **self.norm)
 
 
 class SwinParts:

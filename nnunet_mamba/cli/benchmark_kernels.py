@@ -18,7 +18,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
-from .selective_scan import selective_scan, selective_scan_triton
+from ..ops import selective_scan, selective_scan_triton
 
 # Peak memory bandwidth in GB/s by device-name fragment, most specific first (vendor data sheets).
 PEAK_GB_PER_S = (("H200", 4800.0), ("H100 PCIe", 2000.0), ("H100", 3350.0), ("A100-SXM4-80GB", 2039.0),
@@ -85,7 +85,7 @@ def benchmark_scan_shapes(shapes: Sequence[Tuple[int, int, int, int]] = ISSUE_SH
 
     The scan runs as the Mamba layers call it: delta_softplus, D and delta_bias, z only with ``has_z``, inputs
     requiring grad (so the forward saves what the backward needs). ``triton_configs``
-    (:class:`nnunet_mamba.ops.triton_scan.ScanConfig`) adds a ``triton`` row per config, for tuning. One dict
+    (:class:`nnunet_mamba.ops.triton.ScanConfig`) adds a ``triton`` row per config, for tuning. One dict
     per (shape, backend, config): shape, ``fwd_ms``, ``fwd_bwd_ms``, achieved ``*_gb_per_s`` and
     ``*_bandwidth_fraction`` (None without a known peak), or ``error`` where the backend cannot run.
     """
@@ -132,9 +132,9 @@ def _benchmark_shape(batch: int, dim: int, length: int, groups: int, n_state: in
 
 def triton_tuning_configs(n_state: int = 16) -> List[object]:
     """Launch configs worth timing with ``benchmark_scan_shapes(..., triton_configs=...)`` on a new GPU: the
-    backward's chunk length, channels and warps around :func:`~nnunet_mamba.ops.triton_scan.default_config`, whose
+    backward's chunk length, channels and warps around :func:`~nnunet_mamba.ops.triton.default_config`, whose
     forward layout they keep (the backward dominates: about 3/4 of forward + backward)."""
-    from .triton_scan import ScanConfig
+    from ..ops.triton import ScanConfig
 
     block_d = 2 * 32 * 4 // max(n_state, 1)  # the forward's channels per program: 2 (channel, state) pairs per thread
     configs = []
@@ -143,3 +143,57 @@ def triton_tuning_configs(n_state: int = 16) -> List[object]:
         configs.append(ScanConfig(block_l=16, block_d=block_d, num_warps=4, bwd_block_l=bwd_block_l,
                                   bwd_block_d=bwd_block_d, bwd_num_warps=bwd_warps))
     return configs
+
+
+# SS2D at Swin-UMamba's first stage (d_inner 192 on an 80x80 map, 4 directions) and ToM at SegResMamba's 32^3 stage
+CROSS_SCAN_SHAPES = {"ss2d": (12, 192, (80, 80), ("hw", "wh", "-hw", "-wh")),
+                     "tom": (2, 96, (32, 32, 32), ("dhw", "-dhw", "hwd"))}
+
+
+def cross_scan_tile_sweep(batch: int, dim: int, spatial: Sequence[int], directions: Sequence[str], n_state: int = 16,
+                          block_cs: Sequence[int] = (4, 8, 16), chunks: Sequence[int] = (16, 32, 64),
+                          warmup: int = 2, repeats: int = 10) -> List[Dict[str, object]]:
+    """Forward and forward + backward milliseconds of the cross scan on a CUDA device: its gather/scatter path
+    (the backend ``auto`` picks there) and the fused Triton kernels under each (channels per program, steps per
+    chunk) tile, one dict per row. Inputs are position-major with a shared u, as SS2D hands them over."""
+    import math
+
+    from ..ops import cross_selective_scan, resolve_backend, scan_orders
+    from ..ops import cross_scan as cross_scan_module
+    from ..ops.triton import cross_scan as fused_module
+
+    device = torch.device("cuda")
+    g = torch.Generator(device=device).manual_seed(0)
+    k, length = len(directions), math.prod(spatial)
+
+    def rand(channels: int, scale: float = 1.0) -> torch.Tensor:  # (batch, channels, L), position-major
+        return (scale * torch.randn(batch, length, channels, device=device, generator=g)).transpose(1, 2)
+
+    inputs = dict(u=rand(dim), delta=rand(k * dim, 0.1),
+                  A=-torch.arange(1, n_state + 1, device=device, dtype=torch.float32).repeat(k * dim, 1),
+                  B=rand(k * n_state).unflatten(1, (k, n_state)), C=rand(k * n_state).unflatten(1, (k, n_state)),
+                  D=torch.randn(k * dim, device=device, generator=g),
+                  delta_bias=torch.randn(k * dim, device=device, generator=g) - 4.0)
+    leaves = [t.requires_grad_() for t in inputs.values()]
+    orders = scan_orders(spatial, directions, device=device)
+
+    def scan(backend: str) -> torch.Tensor:
+        return cross_selective_scan(inputs["u"], inputs["delta"], inputs["A"], inputs["B"], inputs["C"], orders,
+                                    inputs["D"], inputs["delta_bias"], True, backend=backend)
+
+    def timed(backend: str, **row: object) -> Dict[str, object]:
+        with torch.no_grad():
+            row["fwd_ms"] = _median_ms(lambda: scan(backend), warmup, repeats)
+        row["fwd_bwd_ms"] = _median_ms(lambda: torch.autograd.grad(scan(backend).sum(), leaves), warmup, repeats)
+        return row
+
+    rows = [timed(resolve_backend(device, "auto"), path="gather/scatter")]
+    saved = fused_module._BLOCK_C, cross_scan_module._CHUNK
+    try:
+        for block_c in block_cs:
+            for chunk in chunks:
+                fused_module._BLOCK_C, cross_scan_module._CHUNK = block_c, chunk
+                rows.append(timed("triton", path="fused", block_c=block_c, chunk=chunk))
+    finally:
+        fused_module._BLOCK_C, cross_scan_module._CHUNK = saved
+    return rows
