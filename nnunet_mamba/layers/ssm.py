@@ -22,15 +22,26 @@ from ..ops import projected_cross_scan
 @torch.no_grad()
 def init_mamba_ssm_(dt_proj_weight: Tensor, dt_proj_bias: Tensor, A_log: Tensor, D: Tensor,
                     x_proj_weight: Optional[Tensor] = None, dt_scale: float = 1.0, dt_init: str = "random",
-                    dt_min: float = 0.001, dt_max: float = 0.1, dt_init_floor: float = 1e-4) -> None:
+                    dt_min: float = 0.001, dt_max: float = 0.1, dt_init_floor: float = 1e-4,
+                    dt_bias_per_direction: bool = False) -> None:
     """Mamba's initialisation, in place, of one direction's SSM parameters or of a stack of them (leading axes).
 
+    x_proj_weight (..., R + 2N, d_inner), when given: nn.Linear's default, U(-d_inner^-0.5, d_inner^-0.5);
     dt_proj_weight (..., d_inner, R): U(-s, s), or the constant s with ``dt_init="constant"``, s = R^-0.5 *
     dt_scale, so dt keeps its variance; dt_proj_bias (..., d_inner): softplus^-1 of dt drawn log-uniformly in
-    [dt_min, dt_max] (floored at dt_init_floor), marked ``_no_reinit``; A_log (..., N): log(1..N), S4D-real;
-    D: ones; both marked ``_no_weight_decay``. x_proj_weight (..., R + 2N, d_inner), when given: nn.Linear's
-    default, U(-d_inner^-0.5, d_inner^-0.5).
+    [dt_min, dt_max] (floored at dt_init_floor), in dt_proj_bias's dtype, marked ``_no_reinit``; A_log (..., N):
+    log(1..N), S4D-real; D: ones; both marked ``_no_weight_decay``.
+
+    Random draws, in this order (the layers' original order, so a seed gives the same initial weights as
+    before this function was shared): x_proj_weight, dt_proj_weight, dt_proj_bias. The dt bias is one draw over
+    the whole tensor, or with ``dt_bias_per_direction`` one draw per index of its first axis (SS2D's and Flemme's
+    Mamba block's original loop over directions; on the CPU generator both give the same numbers, on CUDA not).
+    A layer whose other random parameters (nn.Linear / nn.Conv defaults, ToM's conv1d) were drawn before these
+    keeps drawing them before calling this function.
     """
+    if x_proj_weight is not None:
+        bound = x_proj_weight.shape[-1] ** -0.5
+        x_proj_weight.uniform_(-bound, bound)
     rank = dt_proj_weight.shape[-1]
     std = rank ** -0.5 * dt_scale
     if dt_init == "constant":
@@ -39,17 +50,17 @@ def init_mamba_ssm_(dt_proj_weight: Tensor, dt_proj_bias: Tensor, A_log: Tensor,
         dt_proj_weight.uniform_(-std, std)
     else:
         raise ValueError(f"dt_init must be 'random' or 'constant', got {dt_init!r}")
-    dt = torch.exp(torch.rand_like(dt_proj_bias, dtype=torch.float32) * (math.log(dt_max) - math.log(dt_min))
-                   + math.log(dt_min)).clamp(min=dt_init_floor)
+    if dt_bias_per_direction:
+        u = torch.stack([torch.rand_like(row) for row in dt_proj_bias])
+    else:
+        u = torch.rand_like(dt_proj_bias)
+    dt = torch.exp(u * (math.log(dt_max) - math.log(dt_min)) + math.log(dt_min)).clamp(min=dt_init_floor)
     dt_proj_bias.copy_(dt + torch.log(-torch.expm1(-dt)))
     dt_proj_bias._no_reinit = True
     A_log.copy_(torch.log(torch.arange(1, A_log.shape[-1] + 1, dtype=torch.float32, device=A_log.device)))
     D.fill_(1.0)
     A_log._no_weight_decay = True
     D._no_weight_decay = True
-    if x_proj_weight is not None:
-        bound = x_proj_weight.shape[-1] ** -0.5
-        x_proj_weight.uniform_(-bound, bound)
 
 
 class DirectionalSSM(nn.Module):
@@ -63,10 +74,11 @@ class DirectionalSSM(nn.Module):
         self.x_proj_weight = nn.Parameter(torch.empty(directions, dt_rank + 2 * d_state, d_inner))
         self.dt_projs_weight = nn.Parameter(torch.empty(directions, d_inner, dt_rank))
         self.dt_projs_bias = nn.Parameter(torch.empty(directions, d_inner))
-        self.A_logs = nn.Parameter(torch.empty(directions * d_inner, d_state))
+        self.A_logs = nn.Parameter(torch.empty(directions * d_inner, d_state, dtype=torch.float32))
         self.Ds = nn.Parameter(torch.empty(directions * d_inner))
         init_mamba_ssm_(self.dt_projs_weight, self.dt_projs_bias, self.A_logs, self.Ds, self.x_proj_weight,
-                        dt_scale=dt_scale, dt_init=dt_init, dt_min=dt_min, dt_max=dt_max, dt_init_floor=dt_init_floor)
+                        dt_scale=dt_scale, dt_init=dt_init, dt_min=dt_min, dt_max=dt_max, dt_init_floor=dt_init_floor,
+                        dt_bias_per_direction=True)
 
     def _directional_scan(self, x: Tensor, orders: Tensor, backend: Optional[str] = None) -> Tensor:
         """x (batch, d_inner, L) in image order -> the K directions' scans summed in image order, float32

@@ -94,13 +94,14 @@ class ToM(nn.Module):
         self.x_proj_weight = nn.Parameter(torch.empty(n_dir, self.dt_rank + 2 * d_state, d_inner))
         self.dt_proj_weight = nn.Parameter(torch.empty(n_dir, d_inner, self.dt_rank))
         self.dt_proj_bias = nn.Parameter(torch.empty(n_dir, d_inner))
-        self.A_log = nn.Parameter(torch.empty(n_dir, d_inner, d_state))
+        self.A_log = nn.Parameter(torch.empty(n_dir, d_inner, d_state, dtype=torch.float32))
         self.D = nn.Parameter(torch.empty(n_dir, d_inner))
-        init_mamba_ssm_(self.dt_proj_weight, self.dt_proj_bias, self.A_log, self.D, self.x_proj_weight,
-                        dt_min=dt_min, dt_max=dt_max, dt_init_floor=dt_init_floor)
+        # the conv1d first, then the SSM parameters: ToM's original draw order
         with torch.no_grad():  # nn.Conv1d's default: U(-1/sqrt(fan_in), 1/sqrt(fan_in)), fan_in = d_conv
             nn.init.uniform_(self.conv1d_weight, -d_conv ** -0.5, d_conv ** -0.5)
             nn.init.uniform_(self.conv1d_bias, -d_conv ** -0.5, d_conv ** -0.5)
+        init_mamba_ssm_(self.dt_proj_weight, self.dt_proj_bias, self.A_log, self.D, self.x_proj_weight,
+                        dt_min=dt_min, dt_max=dt_max, dt_init_floor=dt_init_floor)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dim() != 5 or x.shape[1] != self.dim:
