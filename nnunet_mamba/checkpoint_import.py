@@ -17,7 +17,8 @@ import json
 import shutil
 import sys
 from pathlib import Path
-from typing import Any, Callable, Dict, Optional, Tuple
+from typing import Any
+from collections.abc import Callable
 
 import torch
 
@@ -31,7 +32,7 @@ def _to_stderr(line: str) -> None:
 
 
 def expected_network_shapes(trainer_name: str, plans: dict, dataset_json: dict,
-                            configuration: str) -> Dict[str, Tuple[int, ...]]:
+                            configuration: str) -> dict[str, tuple[int, ...]]:
     """State-dict keys and shapes of the network that our trainer ``trainer_name`` builds for ``configuration``,
     the way ``nnUNetv2_predict`` builds it."""
     from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
@@ -57,7 +58,7 @@ def expected_network_shapes(trainer_name: str, plans: dict, dataset_json: dict,
     return {key: tuple(value.shape) for key, value in network.state_dict().items()}
 
 
-def _load_and_convert(path: Path, trainer_name: Optional[str], trust_pickle: Optional[bool] = None) -> Dict[str, Any]:
+def _load_and_convert(path: Path, trainer_name: str | None, trust_pickle: bool | None = None) -> dict[str, Any]:
     try:
         return convert_checkpoint(load_checkpoint_file(path, unsafe_reason=trust_reason(trust_pickle),
                                                        label=str(path)), trainer_name)
@@ -75,8 +76,8 @@ def _refuse_to_touch_source(src: Path, dst: Path) -> None:
                               "choose another destination")
 
 
-def import_model_folder(src: Path, results_dir: Path, trainer_name: Optional[str] = None, force: bool = False,
-                        trust_pickle: Optional[bool] = None, log: Callable[[str], None] = _to_stderr) -> Path:
+def import_model_folder(src: Path, results_dir: Path, trainer_name: str | None = None, force: bool = False,
+                        trust_pickle: bool | None = None, log: Callable[[str], None] = _to_stderr) -> Path:
     """Convert the model folder ``src`` into ``results_dir/<trainer>__<plans>__<configuration>/``; return that.
     ``log`` gets one line per converted checkpoint."""
     plans_file, dataset_file = src / "plans.json", src / "dataset.json"
@@ -125,8 +126,8 @@ def import_model_folder(src: Path, results_dir: Path, trainer_name: Optional[str
     return install_folder(final, build)
 
 
-def import_checkpoint_file(src: Path, dst: Path, trainer_name: Optional[str] = None, force: bool = False,
-                           trust_pickle: Optional[bool] = None) -> Path:
+def import_checkpoint_file(src: Path, dst: Path, trainer_name: str | None = None, force: bool = False,
+                           trust_pickle: bool | None = None) -> Path:
     """Convert the checkpoint file ``src`` into ``dst`` (a file, or a folder to put it in under the same name)."""
     if dst.is_dir():
         dst = dst / src.name

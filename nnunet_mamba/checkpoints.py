@@ -18,11 +18,12 @@ import re
 import sys
 from collections import OrderedDict
 from pathlib import Path
-from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import Any
+from collections.abc import Mapping, Sequence
 
 import torch
 
-PathLike = Union[str, Path]
+PathLike = str | Path
 
 
 class CheckpointError(ValueError):
@@ -44,7 +45,7 @@ class _InertObject:
     so dict-like training state (such as a yacs config) loads as data and none of the original class's code runs.
     """
 
-    def __new__(cls, *args: Any) -> "OrderedDict":
+    def __new__(cls, *args: Any) -> OrderedDict:
         return OrderedDict()
 
 
@@ -59,7 +60,7 @@ def trust_pickle_from_env() -> bool:
     return os.environ.get(TRUST_PICKLE_ENV, "").strip().lower() in ("1", "true", "yes")
 
 
-def trust_reason(trust_pickle: Optional[bool]) -> Optional[str]:
+def trust_reason(trust_pickle: bool | None) -> str | None:
     """Why full unpickling is allowed (for :func:`load_checkpoint_file`'s ``unsafe_reason``), or ``None``: an explicit
     ``trust_pickle`` (the ``--trust-pickle`` flag) decides; ``None`` leaves it to ``$NNUNET_MAMBA_TRUST_PICKLE``."""
     if trust_pickle:
@@ -69,7 +70,7 @@ def trust_reason(trust_pickle: Optional[bool]) -> Optional[str]:
     return None
 
 
-def _numpy_safe_globals() -> List[Any]:
+def _numpy_safe_globals() -> list[Any]:
     """The numpy types nnU-Net's checkpoints hold (its training log keeps numpy scalars): reconstructing a scalar
     from its dtype and raw bytes runs no code from the file, so these are safe under ``weights_only``."""
     import numpy as np
@@ -88,7 +89,7 @@ def _reason(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {own[0]}" if own else type(exc).__name__
 
 
-def _pickle_globals(path: PathLike) -> List[str]:
+def _pickle_globals(path: PathLike) -> list[str]:
     """Globals a plain pickle file imports, read from its opcodes without executing any (torch's restricted
     unpickler stops at opcodes it does not know, e.g. protocol 4's STACK_GLOBAL, before naming the global)."""
     found, strings = [], []
@@ -106,7 +107,7 @@ def _pickle_globals(path: PathLike) -> List[str]:
     return [name for name in dict.fromkeys(found) if not name.startswith(("torch.", "collections.OrderedDict"))]
 
 
-def _unsafe_globals(path: PathLike, exc: BaseException) -> List[str]:
+def _unsafe_globals(path: PathLike, exc: BaseException) -> list[str]:
     """Globals in the file that ``weights_only`` refuses; empty if the file is no readable checkpoint."""
     # Old-format (non-zip) files: torch's scanner reads zip archives only, but its refusal names the global.
     named = re.findall(r"GLOBAL ([\w.]+)", str(exc))
@@ -118,8 +119,8 @@ def _unsafe_globals(path: PathLike, exc: BaseException) -> List[str]:
     return scanned or named or _pickle_globals(path)
 
 
-def load_checkpoint_file(path: PathLike, inert_globals: Sequence[str] = (), unsafe_reason: Optional[str] = None,
-                         label: Optional[str] = None) -> Any:
+def load_checkpoint_file(path: PathLike, inert_globals: Sequence[str] = (), unsafe_reason: str | None = None,
+                         label: str | None = None) -> Any:
     """``torch.load(path)`` onto the CPU with ``weights_only=True``.
 
     Tensors, plain containers and numpy scalars (as in nnU-Net's checkpoints) load that way. ``inert_globals`` names
@@ -158,7 +159,7 @@ def _listing(items: Sequence[str], limit: int) -> str:
 
 
 def state_dict_mismatch(state_dict: Mapping[str, Any], expected: Mapping[str, Sequence[int]],
-                        limit: int = 5) -> Optional[str]:
+                        limit: int = 5) -> str | None:
     """``None`` if ``state_dict`` has exactly the ``expected`` keys with those shapes, else what differs: counts of
     missing, unexpected, mis-shaped and non-tensor entries with the first ``limit`` keys of each."""
     missing = [k for k in expected if k not in state_dict]
@@ -183,7 +184,7 @@ def check_state_dict(state_dict: Mapping[str, Any], expected: Mapping[str, Seque
 
 # Original trainer name -> (network family, the name of our trainer). Our trainers keep the original names;
 # NoAMP only switched off mixed precision in training, so its models are plain U-Mamba Enc models.
-ORIGINAL_TRAINERS: Dict[str, Tuple[str, str]] = {
+ORIGINAL_TRAINERS: dict[str, tuple[str, str]] = {
     "nnUNetTrainerUMambaBot": ("umamba", "nnUNetTrainerUMambaBot"),
     "nnUNetTrainerUMambaEnc": ("umamba", "nnUNetTrainerUMambaEnc"),
     "nnUNetTrainerUMambaEncNoAMP": ("umamba", "nnUNetTrainerUMambaEnc"),
@@ -199,11 +200,11 @@ REMOVED_INIT_ARGS = ("unpack_dataset",)
 REQUIRED_NNUNET_KEYS = ("network_weights", "init_args", "trainer_name")
 
 
-def convert_umamba_state_dict(state_dict: Mapping[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+def convert_umamba_state_dict(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """The original U-Mamba decoder keeps a reference to the encoder, so its state dict holds every ``encoder.*``
     tensor a second time under ``decoder.encoder.*``; ours does not. Drop those copies after checking that each
     equals its ``encoder.*`` twin (so nothing trained is lost). Order and all other entries are kept."""
-    converted: Dict[str, torch.Tensor] = {}
+    converted: dict[str, torch.Tensor] = {}
     differing, orphans = [], []
     for key, value in state_dict.items():
         if not key.startswith(UMAMBA_DUPLICATE_PREFIX):
@@ -226,10 +227,10 @@ def convert_umamba_state_dict(state_dict: Mapping[str, torch.Tensor]) -> Dict[st
 SWIN_UMAMBA_HEAD_PREFIXES = (("out_layers.", "decoder.seg_layers."),)
 
 
-def convert_swin_umamba_state_dict(state_dict: Mapping[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+def convert_swin_umamba_state_dict(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """The original Swin-UMamba's state dict in our layout: its heads ``out_layers.*`` become
     ``decoder.seg_layers.*`` (nnU-Net's name for segmentation heads); order, values and all other keys are kept."""
-    converted: Dict[str, torch.Tensor] = {}
+    converted: dict[str, torch.Tensor] = {}
     for key, value in state_dict.items():
         for old, new in SWIN_UMAMBA_HEAD_PREFIXES:
             if key.startswith(old):
@@ -241,7 +242,7 @@ def convert_swin_umamba_state_dict(state_dict: Mapping[str, torch.Tensor]) -> Di
     return converted
 
 
-def convert_checkpoint(checkpoint: Mapping[str, Any], trainer_name: Optional[str] = None) -> Dict[str, Any]:
+def convert_checkpoint(checkpoint: Mapping[str, Any], trainer_name: str | None = None) -> dict[str, Any]:
     """A new checkpoint dict for nnU-Net 2.8 from one of the original repositories' nnU-Net checkpoints.
 
     ``network_weights`` is converted for its network family, the removed ``init_args`` are dropped, and
@@ -300,7 +301,7 @@ _FLEMME_BLOCK_PARTS = (
 _FLEMME_BUFFERS = re.compile(r"(atten\.relative_position_index|atten_mask)$")
 
 
-def convert_flemme_state_dict(state_dict: Mapping[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+def convert_flemme_state_dict(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Rename the state dict of an original Flemme SeM network with Swin or VMamba blocks (Swin-U, Mamba-U:
     ``SwinUNetEncoder``/``SwinUNetDecoder``, ``VMambaUNetEncoder``/``VMambaUNetDecoder``, plain building blocks,
     no ``final`` decoder layers) into ours, :class:`nnunet_mamba.networks.flemme.FlemmeNet` built with the same
@@ -312,7 +313,7 @@ def convert_flemme_state_dict(state_dict: Mapping[str, torch.Tensor]) -> Dict[st
     networks (the convolution family, residual building blocks, H-SeM's side blocks and combination) are not
     covered: a key this function cannot place raises :class:`CheckpointError`.
     """
-    converted: Dict[str, torch.Tensor] = {}
+    converted: dict[str, torch.Tensor] = {}
     unplaced = []
     for key, value in state_dict.items():
         if _FLEMME_BUFFERS.search(key):

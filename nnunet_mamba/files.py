@@ -16,7 +16,7 @@ import signal
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable, Iterator, List
+from collections.abc import Callable, Iterator
 
 PARTIAL_SUFFIX = ".partial"
 
@@ -35,7 +35,7 @@ def _process_alive(pid: int) -> bool:
     return True
 
 
-def remove_stale_partials(final: Path) -> List[Path]:
+def remove_stale_partials(final: Path) -> list[Path]:
     """Delete temporary files or folders of ``final`` left by an install that was killed (SIGKILL, power loss):
     those whose process (its pid is in the name) is gone. Returns what was removed."""
     removed = []

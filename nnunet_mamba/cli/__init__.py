@@ -5,7 +5,6 @@ import argparse
 import importlib
 import signal
 import sys
-from typing import List, Optional
 
 from .. import __version__
 
@@ -34,7 +33,7 @@ def _terminate(signum: int, frame: object) -> None:
     raise Terminated()
 
 
-def build_parser(command: Optional[str] = None) -> argparse.ArgumentParser:
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     """The parser; only ``command`` (if one of ours) gets its full arguments, the others are listed by name."""
     parser = argparse.ArgumentParser(prog="nnunet-mamba", description="Mamba segmentation networks for nnU-Net v2")
     parser.add_argument("--version", action="version", version=f"nnunet-mamba {__version__}")
@@ -48,7 +47,7 @@ def build_parser(command: Optional[str] = None) -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: Optional[List[str]] = None) -> int:
+def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     command = next((a for a in argv if not a.startswith("-")), None)
     args = build_parser(command).parse_args(argv)

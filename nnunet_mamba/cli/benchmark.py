@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import json
-from typing import List
 
 import torch
 from tqdm import tqdm
@@ -65,7 +64,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
-def _networks(args: argparse.Namespace, dim: int) -> List[str]:
+def _networks(args: argparse.Namespace, dim: int) -> list[str]:
     if args.all:
         return list(BASELINES) + [n for n in list_networks() if dim in get_network_spec(n).dims]
     unknown = [n for n in args.networks if n not in BASELINES and n not in list_networks()]

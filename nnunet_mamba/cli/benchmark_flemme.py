@@ -3,7 +3,6 @@ ConvBlock, SwinBlock and MambaBlock encoders), each network's step relative to t
 from __future__ import annotations
 
 import argparse
-from typing import List
 
 import torch
 
@@ -15,7 +14,7 @@ FLEMME_STUDY = {"sizes": [(2, 64), (2, 128), (3, 64), (3, 128)], "num_blocks": [
                 "encoders": {"unet": "ConvBlock", "swinu": "SwinBlock", "mambau": "MambaBlock"}}
 
 
-def run_flemme_table3(args: argparse.Namespace, device: torch.device) -> List[dict]:
+def run_flemme_table3(args: argparse.Namespace, device: torch.device) -> list[dict]:
     """Rows of the Flemme efficiency study (2 classes, so that nnU-Net's Dice+CE has a foreground to learn)."""
     from ..networks.flemme import flemme_table3
 

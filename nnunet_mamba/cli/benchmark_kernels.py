@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import functools
 import statistics
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from collections.abc import Callable, Sequence
 
 import torch
 
@@ -28,14 +28,14 @@ PEAK_GB_PER_S = (("H200", 4800.0), ("H100 PCIe", 2000.0), ("H100", 3350.0), ("A1
 ISSUE_SHAPES = ((12, 768, 6400, 4), (12, 1536, 1600, 4), (12, 3072, 400, 4), (12, 6144, 100, 4))
 
 
-def peak_bandwidth_gb_per_s(device: torch.device) -> Optional[float]:
+def peak_bandwidth_gb_per_s(device: torch.device) -> float | None:
     """The peak memory bandwidth of ``device`` from :data:`PEAK_GB_PER_S`, or None if it is not listed."""
     name = torch.cuda.get_device_name(device)
     return next((peak for fragment, peak in PEAK_GB_PER_S if fragment in name), None)
 
 
 def minimum_traffic_bytes(batch: int, dim: int, length: int, groups: int, n_state: int, element_size: int,
-                          has_z: bool) -> Tuple[int, int]:
+                          has_z: bool) -> tuple[int, int]:
     """(forward, backward) bytes by the formula in the module docstring."""
     e, s = batch * dim * length, batch * groups * n_state * length
     z = e if has_z else 0
@@ -60,7 +60,7 @@ def _median_ms(fn: Callable[[], object], warmup: int, repeats: int) -> float:
 
 
 def _inputs(batch: int, dim: int, length: int, groups: int, n_state: int, dtype: torch.dtype, has_z: bool,
-            device: torch.device) -> Dict[str, torch.Tensor]:
+            device: torch.device) -> dict[str, torch.Tensor]:
     g = torch.Generator(device=device).manual_seed(0)
 
     def randn(*shape, scale=1.0, as_dtype=dtype):
@@ -75,12 +75,12 @@ def _inputs(batch: int, dim: int, length: int, groups: int, n_state: int, dtype:
     return inputs
 
 
-def benchmark_scan_shapes(shapes: Sequence[Tuple[int, int, int, int]] = ISSUE_SHAPES,
+def benchmark_scan_shapes(shapes: Sequence[tuple[int, int, int, int]] = ISSUE_SHAPES,
                           backends: Sequence[str] = ("cuda", "triton", "torch"), n_state: int = 16,
                           dtype: torch.dtype = torch.float32, has_z: bool = False, warmup: int = 3,
-                          repeats: int = 10, triton_configs: Optional[Sequence[object]] = None,
-                          peak_gb_per_s: Optional[float] = None, device: Optional[torch.device] = None
-                          ) -> List[dict]:
+                          repeats: int = 10, triton_configs: Sequence[object] | None = None,
+                          peak_gb_per_s: float | None = None, device: torch.device | None = None
+                          ) -> list[dict]:
     """Forward and forward+backward times of ``backends`` on (batch, dim, L, groups) ``shapes``.
 
     The scan runs as the Mamba layers call it: delta_softplus, D and delta_bias, z only with ``has_z``, inputs
@@ -91,7 +91,7 @@ def benchmark_scan_shapes(shapes: Sequence[Tuple[int, int, int, int]] = ISSUE_SH
     """
     device = device or torch.device("cuda")
     peak = peak_gb_per_s or peak_bandwidth_gb_per_s(device)
-    runs: List[Tuple[str, object]] = [(backend, None) for backend in backends]
+    runs: list[tuple[str, object]] = [(backend, None) for backend in backends]
     runs += [("triton", config) for config in triton_configs or ()]
     rows = []
     for shape in shapes:
@@ -101,8 +101,8 @@ def benchmark_scan_shapes(shapes: Sequence[Tuple[int, int, int, int]] = ISSUE_SH
 
 
 def _benchmark_shape(batch: int, dim: int, length: int, groups: int, n_state: int, dtype: torch.dtype, has_z: bool,
-                     runs: Sequence[Tuple[str, object]], warmup: int, repeats: int, peak: Optional[float],
-                     device: torch.device) -> List[dict]:
+                     runs: Sequence[tuple[str, object]], warmup: int, repeats: int, peak: float | None,
+                     device: torch.device) -> list[dict]:
     inputs = _inputs(batch, dim, length, groups, n_state, dtype, has_z, device)
     traffic = minimum_traffic_bytes(batch, dim, length, groups, n_state, torch.finfo(dtype).bits // 8, has_z)
     grad_out = torch.randn(batch, dim, length, device=device, dtype=dtype)
@@ -130,7 +130,7 @@ def _benchmark_shape(batch: int, dim: int, length: int, groups: int, n_state: in
     return rows
 
 
-def triton_tuning_configs(n_state: int = 16) -> List[object]:
+def triton_tuning_configs(n_state: int = 16) -> list[object]:
     """Launch configs worth timing with ``benchmark_scan_shapes(..., triton_configs=...)`` on a new GPU: the
     backward's chunk length, channels and warps around :func:`~nnunet_mamba.ops.triton.default_config`, whose
     forward layout they keep (the backward dominates: about 3/4 of forward + backward)."""
@@ -152,7 +152,7 @@ CROSS_SCAN_SHAPES = {"ss2d": (12, 192, (80, 80), ("hw", "wh", "-hw", "-wh")),
 
 def cross_scan_tile_sweep(batch: int, dim: int, spatial: Sequence[int], directions: Sequence[str], n_state: int = 16,
                           block_cs: Sequence[int] = (4, 8, 16), chunks: Sequence[int] = (16, 32, 64),
-                          warmup: int = 2, repeats: int = 10) -> List[Dict[str, object]]:
+                          warmup: int = 2, repeats: int = 10) -> list[dict[str, object]]:
     """Forward and forward + backward milliseconds of the cross scan on a CUDA device: its gather/scatter path
     (the backend ``auto`` picks there) and the fused Triton kernels under each (channels per program, steps per
     chunk) tile, one dict per row. Inputs are position-major with a shared u, as SS2D hands them over."""
@@ -181,7 +181,7 @@ def cross_scan_tile_sweep(batch: int, dim: int, spatial: Sequence[int], directio
         return cross_selective_scan(inputs["u"], inputs["delta"], inputs["A"], inputs["B"], inputs["C"], orders,
                                     inputs["D"], inputs["delta_bias"], True, backend=backend)
 
-    def timed(backend: str, **row: object) -> Dict[str, object]:
+    def timed(backend: str, **row: object) -> dict[str, object]:
         with torch.no_grad():
             row["fwd_ms"] = _median_ms(lambda: scan(backend), warmup, repeats)
         row["fwd_bwd_ms"] = _median_ms(lambda: torch.autograd.grad(scan(backend).sum(), leaves), warmup, repeats)

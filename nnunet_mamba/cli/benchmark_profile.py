@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import re
-from typing import Callable, Dict, List
+from collections.abc import Callable
 
 import torch
 
@@ -23,7 +23,7 @@ def kernel_category(name: str) -> str:
                 "elementwise/other")
 
 
-def time_by_category(step: Callable[[], None], device: torch.device, steps: int) -> Dict[str, float]:
+def time_by_category(step: Callable[[], None], device: torch.device, steps: int) -> dict[str, float]:
     """Milliseconds per step by :func:`kernel_category`: GPU kernel time on CUDA, operators' own CPU time on CPU."""
     from torch.profiler import ProfilerActivity, profile
 
@@ -33,7 +33,7 @@ def time_by_category(step: Callable[[], None], device: torch.device, steps: int)
             step()
         if device.type == "cuda":
             torch.cuda.synchronize()
-    totals: Dict[str, float] = {}
+    totals: dict[str, float] = {}
     for event in prof.key_averages():
         us = event.self_device_time_total if device.type == "cuda" else event.self_cpu_time_total
         if us > 0:
@@ -42,7 +42,7 @@ def time_by_category(step: Callable[[], None], device: torch.device, steps: int)
     return dict(sorted(totals.items(), key=lambda kv: -kv[1]))
 
 
-def category_lines(rows: List[dict], device: torch.device) -> List[str]:
+def category_lines(rows: list[dict], device: torch.device) -> list[str]:
     """One console line per profiled row: its milliseconds per step by category, with their shares."""
     lines = []
     for r in rows:

@@ -6,7 +6,7 @@ import argparse
 import json
 import math
 import statistics
-from typing import Any, List
+from typing import Any
 
 from ..planning.baselines import BASELINES
 from .report import aligned_lines, bar_panel, markdown_table, pyplot, write_csv, write_lines
@@ -16,7 +16,7 @@ COLUMNS = [("network", "network"), ("params", "params"), ("gmacs", "GMACs/img"),
            ("est_gib", "est GiB"), ("infer_ms", "infer ms"), ("backend", "backend")]
 
 
-def median_rows(passes: List[List[dict]]) -> List[dict]:
+def median_rows(passes: list[list[dict]]) -> list[dict]:
     """One row per network: the median of each timing over the passes (peak memory and counts do not vary)."""
     rows = []
     for per_pass in zip(*passes):
@@ -28,7 +28,7 @@ def median_rows(passes: List[List[dict]]) -> List[dict]:
     return rows
 
 
-def table_rows(rows: List[dict]) -> List[dict]:
+def table_rows(rows: list[dict]) -> list[dict]:
     """Rows with the ratios to the baseline (the first baseline in the list) filled in."""
     base = next((r for r in rows if r["network"] in BASELINES), None)
     out = []
@@ -48,22 +48,22 @@ def format_cell(key: str, value: Any) -> str:
     return f"{value:,}" if isinstance(value, int) else str(value)
 
 
-def _columns(rows: List[dict]) -> List[tuple]:
+def _columns(rows: list[dict]) -> list[tuple]:
     return [(k, t) for k, t in COLUMNS if any(k in r for r in rows)]
 
 
-def _cells(rows: List[dict], columns: List[tuple]) -> List[List[str]]:
+def _cells(rows: list[dict], columns: list[tuple]) -> list[list[str]]:
     return [[format_cell(k, r.get(k, float("nan"))) for k, _ in columns] for r in rows]
 
 
-def table_lines(rows: List[dict]) -> List[str]:
+def table_lines(rows: list[dict]) -> list[str]:
     """The table as aligned console lines (names left-aligned, numbers right-aligned)."""
     columns = _columns(rows)
     left = [i for i, (k, _) in enumerate(columns) if k in ("network", "backend")]
     return aligned_lines([[t for _, t in columns], *_cells(rows, columns)], left, pad=2, sep=" ")
 
 
-def write_outputs(prefix: str, rows: List[dict], header: str) -> List[str]:
+def write_outputs(prefix: str, rows: list[dict], header: str) -> list[str]:
     """PREFIX.md, PREFIX.csv and PREFIX.png for the table rows; returns the paths written."""
     columns = _columns(rows)
     write_lines(prefix + ".md", markdown_table(header, [t for _, t in columns], _cells(rows, columns)))
@@ -80,7 +80,7 @@ def write_outputs(prefix: str, rows: List[dict], header: str) -> List[str]:
     return [prefix + ".md", prefix + ".csv", prefix + ".png"]
 
 
-def write_results(args: argparse.Namespace, where: str, header: str, rows: List[dict]) -> None:
+def write_results(args: argparse.Namespace, where: str, header: str, rows: list[dict]) -> None:
     """--json and --out files of a run."""
     if args.json:
         with open(args.json, "w") as f:

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import time
-from typing import Dict, List, Tuple
 
 import torch
 from torch import nn
@@ -24,7 +23,7 @@ from ..planning.memory import build_network, training_loss
 from .benchmark_profile import time_by_category
 
 
-def _stages(dim: int, n_stages: int, features: List[int]) -> dict:
+def _stages(dim: int, n_stages: int, features: list[int]) -> dict:
     conv = "Conv3d" if dim == 3 else "Conv2d"
     return {"n_stages": n_stages, "features_per_stage": features, "conv_op": getattr(nn, conv),
             "kernel_sizes": [[3] * dim] * n_stages, "strides": [[1] * dim] + [[2] * dim] * (n_stages - 1),
@@ -34,7 +33,7 @@ def _stages(dim: int, n_stages: int, features: List[int]) -> dict:
 
 
 # The plans of the reference measurements (a 2D plan for 320x320 and a 3D plan for 128^3).
-PRESETS: Dict[str, dict] = {
+PRESETS: dict[str, dict] = {
     "2d_320": {"patch_size": [320, 320], "batch_size": 12, "arch": _stages(2, 7, [32, 64, 128, 256, 512, 512, 512])},
     "3d_128": {"patch_size": [128, 128, 128], "batch_size": 2, "arch": _stages(3, 6, [32, 64, 128, 256, 320, 320])},
     # ViM-UNet's set-up (512x512 images); nnU-Net's default 2D plan for that size has 8 stages
@@ -77,7 +76,7 @@ def measure(name: str, plan: dict, batch: int, classes: int, device: torch.devic
                                                 compile_network, profile), "backend": backend}
 
 
-def measure_network(network: nn.Module, patch_size: List[int], batch: int, classes: int, device: torch.device,
+def measure_network(network: nn.Module, patch_size: list[int], batch: int, classes: int, device: torch.device,
                     steps: int, warmup: int, compile_network: bool, profile: bool = False) -> dict:
     """One nnU-Net training step of ``network`` (1 input channel): time, peak memory, inference time, the forward
     pass's GMACs and GFLOPs per image, the warm-up's seconds (compilation included), and with ``profile`` the step's
@@ -159,7 +158,7 @@ def _inference_ms(network: nn.Module, image: torch.Tensor, use_amp: bool, repeat
 
 
 @torch.no_grad()
-def _forward_flops(network: nn.Module, image: torch.Tensor) -> Tuple[int, int]:
+def _forward_flops(network: nn.Module, image: torch.Tensor) -> tuple[int, int]:
     """FLOPs of one forward pass of ``image`` by torch.utils.flop_counter, and the selective scans' share of them.
 
     Matmuls and convolutions count 2 per multiply-accumulate (so the rest / 2 are the MACs papers report), the

@@ -17,7 +17,7 @@ import sys
 import tempfile
 import threading
 import time
-from typing import IO, Dict, List
+from typing import IO
 
 from .environment import ext_trainer_value
 
@@ -56,11 +56,11 @@ def check_trainer(name: str) -> None:
                      "(`nnunet-mamba list` lists ours)")
 
 
-def run_step(command: List[str], env: Dict[str, str], log: IO[str]) -> int:
+def run_step(command: list[str], env: dict[str, str], log: IO[str]) -> int:
     """Run ``command``, its output into ``log``; echo nnU-Net's progress lines, and the elapsed time when quiet."""
     process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                                bufsize=1)
-    lines: "queue.Queue[object]" = queue.Queue()
+    lines: queue.Queue[object] = queue.Queue()
     done = object()
 
     def pump() -> None:

@@ -9,7 +9,6 @@ import importlib.util
 import os
 import shlex
 from importlib.metadata import PackageNotFoundError, version
-from typing import Optional
 
 from .. import __version__
 
@@ -32,7 +31,7 @@ def trainer_shim_dir() -> str:
     raise FileNotFoundError("nnunet_mamba.nnUNet_trainers is not installed: reinstall the package (pip install .)")
 
 
-def ext_trainer_value(current: Optional[str] = None) -> str:
+def ext_trainer_value(current: str | None = None) -> str:
     """``nnUNet_extTrainer`` with our folder first, keeping any other folders already there."""
     current = os.environ.get("nnUNet_extTrainer", "") if current is None else current
     shim = trainer_shim_dir()
@@ -40,7 +39,7 @@ def ext_trainer_value(current: Optional[str] = None) -> str:
     return os.pathsep.join([shim, *others])
 
 
-def ext_trainer_hint(current: Optional[str] = None) -> Optional[str]:
+def ext_trainer_hint(current: str | None = None) -> str | None:
     """``None`` if ``nnUNet_extTrainer`` reaches our trainers, else what goes wrong and the fix."""
     current = os.environ.get("nnUNet_extTrainer", "") if current is None else current
     if trainer_shim_dir() in [os.path.abspath(p) for p in current.split(os.pathsep) if p]:

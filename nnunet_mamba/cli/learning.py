@@ -15,7 +15,6 @@ import subprocess
 import sys
 import time
 from dataclasses import dataclass
-from typing import Dict, List, Optional
 
 import torch
 
@@ -131,7 +130,7 @@ def _settings(args: argparse.Namespace) -> argparse.Namespace:
     return s
 
 
-def _trainer_list(requested: Optional[List[str]], dims: List[int]):
+def _trainer_list(requested: list[str] | None, dims: list[int]):
     """{dim: [(trainer, plans), ...]} baselines first, and the errors found in ``requested``."""
     from ..trainers.learning import base_trainers, needs_pretrained_weights, trainer_dims
 
@@ -164,7 +163,7 @@ def _trainer_list(requested: Optional[List[str]], dims: List[int]):
     return {d: list(dict.fromkeys(chosen)) for d in dims}, errors
 
 
-def _environment(s: argparse.Namespace) -> Dict[str, str]:
+def _environment(s: argparse.Namespace) -> dict[str, str]:
     env = dict(os.environ)
     env.update(nnUNet_raw=os.path.join(s.work, "raw"), nnUNet_preprocessed=os.path.join(s.work, "preprocessed"),
                nnUNet_extTrainer=ext_trainer_value(env.get("nnUNet_extTrainer", "")), PYTHONUNBUFFERED="1")
@@ -174,7 +173,7 @@ def _environment(s: argparse.Namespace) -> Dict[str, str]:
     return env
 
 
-def _call(command: List[str], env: Dict[str, str], log: str) -> None:
+def _call(command: list[str], env: dict[str, str], log: str) -> None:
     with open(log, "a") as f:
         f.write(f"\n$ {' '.join(command)}\n")
         f.flush()
@@ -183,7 +182,7 @@ def _call(command: List[str], env: Dict[str, str], log: str) -> None:
         raise SystemExit(f"learning-benchmark: {os.path.basename(command[0])} failed (exit {code}); log: {log}")
 
 
-def prepare(s: argparse.Namespace, dim: int, env: Dict[str, str]) -> None:
+def prepare(s: argparse.Namespace, dim: int, env: dict[str, str]) -> None:
     """The dataset and its preprocessed data for every plans needed; what exists (same settings) is kept."""
     os.makedirs(os.path.join(s.work, "logs"), exist_ok=True)
     log = os.path.join(s.work, "logs", f"prepare_{dim}d.log")
@@ -215,7 +214,7 @@ def prepare(s: argparse.Namespace, dim: int, env: Dict[str, str]) -> None:
         open(done, "w").close()
 
 
-def _runs(s: argparse.Namespace) -> List[Run]:
+def _runs(s: argparse.Namespace) -> list[Run]:
     schedule = f"e{s.epochs}_i{s.iterations}_v{s.val_iterations}"
     return [Run(dim, trainer, plans, seed, os.path.join(s.work, "results", f"{schedule}_seed{seed}"),
                 os.path.join(s.work, "logs", f"{dim}d_{trainer}_{plans}_{schedule}_seed{seed}.log"))
@@ -232,7 +231,7 @@ def _current_epoch(log: str) -> int:
     return int(epochs[-1]) + 1 if epochs else 0
 
 
-def train(s: argparse.Namespace, runs: List[Run], env: Dict[str, str]) -> List[Run]:
+def train(s: argparse.Namespace, runs: list[Run], env: dict[str, str]) -> list[Run]:
     """Train the unfinished runs, ``s.jobs`` at once, with a progress bar; returns the failed ones."""
     from tqdm import tqdm
 
@@ -242,8 +241,8 @@ def train(s: argparse.Namespace, runs: List[Run], env: Dict[str, str]) -> List[R
     deadline = None if s.time_limit is None else s.started + s.time_limit
     if len(todo) < len(runs):
         print(f"learning-benchmark: {len(runs) - len(todo)} of {len(runs)} runs already finished in {s.work}")
-    running: Dict[Run, subprocess.Popen] = {}
-    failed: List[Run] = []
+    running: dict[Run, subprocess.Popen] = {}
+    failed: list[Run] = []
     # nnU-Net's augmentation in the training process on a CPU; 2 worker processes each on a GPU
     workers = env.get("nnUNet_n_proc_DA", "2" if s.device == "cuda" else "0")
     with tqdm(total=len(todo), desc="training runs", unit="run", dynamic_ncols=True) as bar:

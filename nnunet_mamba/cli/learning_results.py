@@ -6,7 +6,7 @@ import json
 import os
 import statistics
 import textwrap
-from typing import Dict, List, Optional, Sequence
+from collections.abc import Sequence
 
 import torch
 
@@ -53,16 +53,16 @@ def read_run(fold_dir: str) -> dict:
             "ema_dice": [float(v) for v in logging["ema_fg_dice"]]}
 
 
-def _mean(values: Sequence[Optional[float]]) -> Optional[float]:
+def _mean(values: Sequence[float | None]) -> float | None:
     values = [v for v in values if v is not None]
     return statistics.fmean(values) if values else None
 
 
-def aggregate(runs: List[dict]) -> List[dict]:
+def aggregate(runs: list[dict]) -> list[dict]:
     """One row per (dimension, trainer label) over its seeds: mean and spread (max - min) of each Dice, mean seconds
     per epoch, largest peak memory, and the foreground Dice's difference to ``nnUNetTrainer`` (points, x100).
     Rows keep the runs' order within a dimension, baselines first."""
-    groups: Dict[tuple, List[dict]] = {}
+    groups: dict[tuple, list[dict]] = {}
     for r in runs:
         groups.setdefault((r["dim"], r["label"]), []).append(r)
     rows = []
@@ -102,13 +102,13 @@ def format_cell(row: dict, key: str) -> str:
     return str(value)
 
 
-def table_lines(rows: List[dict]) -> List[str]:
+def table_lines(rows: list[dict]) -> list[str]:
     """The table as aligned console lines."""
     cells = [[t for _, t in COLUMNS]] + [[format_cell(r, k) for k, _ in COLUMNS] for r in rows]
     return aligned_lines(cells, left=(0, 1))
 
 
-def write_outputs(prefix: str, rows: List[dict], runs: List[dict], header: str) -> List[str]:
+def write_outputs(prefix: str, rows: list[dict], runs: list[dict], header: str) -> list[str]:
     """PREFIX.md, PREFIX.csv, PREFIX.png (foreground Dice per trainer) and PREFIX_dice_epochs.png (pseudo Dice per
     epoch, mean over seeds); returns the paths written."""
     folder = os.path.dirname(os.path.abspath(prefix))

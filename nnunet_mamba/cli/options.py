@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import argparse
-from typing import Optional
 
 
 def add_trust_pickle_option(parser: argparse.ArgumentParser, accepts: str, note: str) -> None:
@@ -12,7 +11,7 @@ def add_trust_pickle_option(parser: argparse.ArgumentParser, accepts: str, note:
                              f"file): only for sources you trust{note}")
 
 
-def trust_pickle(args: argparse.Namespace) -> Optional[bool]:
+def trust_pickle(args: argparse.Namespace) -> bool | None:
     """``True`` with --trust-pickle; ``None`` without, so that ``$NNUNET_MAMBA_TRUST_PICKLE`` decides (as it does for
     the trainers)."""
     return True if args.trust_pickle else None

@@ -3,10 +3,11 @@ tables, Markdown tables, CSV files and horizontal bar charts (matplotlib, import
 from __future__ import annotations
 
 import csv
-from typing import Any, Collection, Iterable, List, Mapping, Optional, Sequence
+from typing import Any
+from collections.abc import Collection, Iterable, Mapping, Sequence
 
 
-def aligned_lines(cells: Sequence[Sequence[str]], left: Collection[int], pad: int = 0, sep: str = "  ") -> List[str]:
+def aligned_lines(cells: Sequence[Sequence[str]], left: Collection[int], pad: int = 0, sep: str = "  ") -> list[str]:
     """Rows of ``cells`` as console lines: each column as wide as its widest cell plus ``pad``, the columns of
     ``left`` left-aligned and the others right-aligned, joined by ``sep``, trailing blanks stripped."""
     widths = [max(len(row[i]) for row in cells) + pad for i in range(len(cells[0]))]
@@ -14,7 +15,7 @@ def aligned_lines(cells: Sequence[Sequence[str]], left: Collection[int], pad: in
             for row in cells]
 
 
-def markdown_table(header: str, titles: Sequence[str], rows: Iterable[Sequence[str]]) -> List[str]:
+def markdown_table(header: str, titles: Sequence[str], rows: Iterable[Sequence[str]]) -> list[str]:
     """A Markdown table under an HTML comment holding ``header`` (what was measured, where)."""
     lines = [f"<!-- {header} -->", "| " + " | ".join(titles) + " |", "|" + "---|" * len(titles)]
     return lines + ["| " + " | ".join(row) + " |" for row in rows]
@@ -43,7 +44,7 @@ def pyplot() -> Any:
 
 
 def bar_panel(ax: Any, names: Sequence[str], values: Sequence[float], baseline: Sequence[bool], label: str,
-              value_format: str, xerr: Optional[Sequence[float]] = None) -> None:
+              value_format: str, xerr: Sequence[float] | None = None) -> None:
     """Horizontal bars, baselines grey, each bar annotated with its value; ``names`` top to bottom as given."""
     names, values, baseline = names[::-1], values[::-1], baseline[::-1]  # barh draws the first name lowest
     ax.barh(names, values, xerr=None if xerr is None else xerr[::-1],

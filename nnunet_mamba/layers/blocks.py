@@ -1,7 +1,7 @@
 """Convolutional and Mamba blocks shared by the networks; each works in 2D and 3D, chosen by ``conv_op``."""
 from __future__ import annotations
 
-from typing import List, Optional, Sequence, Type, Union
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -11,10 +11,10 @@ from torch.nn.modules.conv import _ConvNd
 
 from .mamba import Mamba
 
-IntOrSeq = Union[int, Sequence[int]]
+IntOrSeq = int | Sequence[int]
 
 
-def conv_dim(conv_op: Type[_ConvNd]) -> int:
+def conv_dim(conv_op: type[_ConvNd]) -> int:
     """Spatial dimensionality (2 or 3) of a convolution class; raises for anything else."""
     if isinstance(conv_op, type) and issubclass(conv_op, (nn.Conv2d, nn.ConvTranspose2d)):
         return 2
@@ -30,9 +30,9 @@ def as_tuple(value: IntOrSeq, dim: int) -> tuple:
 class ResidualConvBlock(nn.Module):
     """conv-norm-act-conv-norm plus a 1x1 (strided) projection of the input, then act (U-Mamba's BasicResBlock)."""
 
-    def __init__(self, conv_op: Type[_ConvNd], input_channels: int, output_channels: int, kernel_size: IntOrSeq,
-                 stride: IntOrSeq, norm_op: Type[nn.Module], norm_op_kwargs: Optional[dict],
-                 nonlin: Type[nn.Module], nonlin_kwargs: Optional[dict]) -> None:
+    def __init__(self, conv_op: type[_ConvNd], input_channels: int, output_channels: int, kernel_size: IntOrSeq,
+                 stride: IntOrSeq, norm_op: type[nn.Module], norm_op_kwargs: dict | None,
+                 nonlin: type[nn.Module], nonlin_kwargs: dict | None) -> None:
         super().__init__()
         dim = conv_dim(conv_op)
         kernel_size = as_tuple(kernel_size, dim)
@@ -55,7 +55,7 @@ class ResidualConvBlock(nn.Module):
 class UpsampleConv(nn.Module):
     """Nearest-neighbour upsampling by the encoder stride, then a 1x1 convolution."""
 
-    def __init__(self, conv_op: Type[_ConvNd], input_channels: int, output_channels: int,
+    def __init__(self, conv_op: type[_ConvNd], input_channels: int, output_channels: int,
                  scale_factor: IntOrSeq) -> None:
         super().__init__()
         self.conv = conv_op(input_channels, output_channels, kernel_size=1)
@@ -99,11 +99,11 @@ class MambaLayer(nn.Module):
             return out.reshape(batch, channels, *spatial)
 
 
-def stack_residual_blocks(conv_op: Type[_ConvNd], input_channels: int, output_channels: int, kernel_size: IntOrSeq,
+def stack_residual_blocks(conv_op: type[_ConvNd], input_channels: int, output_channels: int, kernel_size: IntOrSeq,
                           stride: IntOrSeq, n_blocks: int, conv_bias: bool, norm_op, norm_op_kwargs, dropout_op,
                           dropout_op_kwargs, nonlin, nonlin_kwargs) -> nn.Sequential:
     """One :class:`ResidualConvBlock` (projection, stride) followed by ``n_blocks - 1`` ResNet-D basic blocks."""
-    blocks: List[nn.Module] = [ResidualConvBlock(conv_op, input_channels, output_channels, kernel_size, stride,
+    blocks: list[nn.Module] = [ResidualConvBlock(conv_op, input_channels, output_channels, kernel_size, stride,
                                                  norm_op, norm_op_kwargs, nonlin, nonlin_kwargs)]
     blocks += [BasicBlockD(conv_op, output_channels, output_channels, kernel_size, 1, conv_bias, norm_op,
                            norm_op_kwargs, dropout_op, dropout_op_kwargs, nonlin, nonlin_kwargs)

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import math
 from functools import lru_cache
-from typing import Union
 
 import torch
 import torch.nn.functional as F
@@ -34,7 +33,7 @@ class Mamba(nn.Module):
     """Selective state-space layer on sequences of shape (batch, L, d_model)."""
 
     def __init__(self, d_model: int, d_state: int = 16, d_conv: int = 4, expand: int = 2,
-                 dt_rank: Union[int, str] = "auto", dt_min: float = 0.001, dt_max: float = 0.1,
+                 dt_rank: int | str = "auto", dt_min: float = 0.001, dt_max: float = 0.1,
                  dt_init: str = "random", dt_scale: float = 1.0, dt_init_floor: float = 1e-4,
                  conv_bias: bool = True, bias: bool = False, use_fast_path: bool = True,
                  device=None, dtype=None) -> None:

@@ -11,7 +11,6 @@ runs along each order) fold their directions with :func:`nnunet_mamba.ops.cross_
 from __future__ import annotations
 
 import math
-from typing import Optional
 
 import torch
 from torch import Tensor, nn
@@ -21,7 +20,7 @@ from ..ops import projected_cross_scan
 
 @torch.no_grad()
 def init_mamba_ssm_(dt_proj_weight: Tensor, dt_proj_bias: Tensor, A_log: Tensor, D: Tensor,
-                    x_proj_weight: Optional[Tensor] = None, dt_scale: float = 1.0, dt_init: str = "random",
+                    x_proj_weight: Tensor | None = None, dt_scale: float = 1.0, dt_init: str = "random",
                     dt_min: float = 0.001, dt_max: float = 0.1, dt_init_floor: float = 1e-4,
                     dt_bias_per_direction: bool = False) -> None:
     """Mamba's initialisation, in place, of one direction's SSM parameters or of a stack of them (leading axes).
@@ -80,7 +79,7 @@ class DirectionalSSM(nn.Module):
                         dt_scale=dt_scale, dt_init=dt_init, dt_min=dt_min, dt_max=dt_max, dt_init_floor=dt_init_floor,
                         dt_bias_per_direction=True)
 
-    def _directional_scan(self, x: Tensor, orders: Tensor, backend: Optional[str] = None) -> Tensor:
+    def _directional_scan(self, x: Tensor, orders: Tensor, backend: str | None = None) -> Tensor:
         """x (batch, d_inner, L) in image order -> the K directions' scans summed in image order, float32
         (float64 for float64 x), position-major (batch, d_inner, L)."""
         return projected_cross_scan(x, self.x_proj_weight, self.dt_projs_weight, -torch.exp(self.A_logs.float()),

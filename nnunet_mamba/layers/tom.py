@@ -41,7 +41,7 @@ NaNs away (figures in docs/measurements.md).
 from __future__ import annotations
 
 import math
-from typing import Optional, Sequence, Tuple
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -50,14 +50,14 @@ from torch import nn
 from ..ops import folded_selective_scan, inverse_orders, scan_orders
 from .ssm import init_mamba_ssm_
 
-DIRECTIONS: Tuple[str, ...] = ("forward", "reverse", "inter_slice")
+DIRECTIONS: tuple[str, ...] = ("forward", "reverse", "inter_slice")
 # The directions in nnunet_mamba.ops.cross_scan's names: axes slowest first, "-" for reversed; the inter-slice
 # scan has the slice axis d fastest.
 ORDER_NAMES = {"forward": "dhw", "reverse": "-dhw", "inter_slice": "hwd"}
 
 
 def scan_order(spatial_shape: Sequence[int], direction: str,
-               device: Optional[torch.device] = None) -> torch.Tensor:
+               device: torch.device | None = None) -> torch.Tensor:
     """Voxel indices (into the C-order flattened 3D map) in the order ``direction`` visits them; read-only.
 
     ``sequence = flat[..., order]`` gives the scan; :func:`inverse_order` maps it back.

@@ -15,7 +15,7 @@ channels-first image.
 from __future__ import annotations
 
 import math
-from typing import List, Optional, Sequence, Union
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -33,7 +33,7 @@ class SS2D(DirectionalSSM):
     """2D selective scan over channels-last maps (batch, H, W, d_model); four directions, one scan call."""
 
     def __init__(self, d_model: int, d_state: int = 16, d_conv: int = 3, expand: int = 2,
-                 dt_rank: Union[int, str] = "auto", dt_min: float = 0.001, dt_max: float = 0.1,
+                 dt_rank: int | str = "auto", dt_min: float = 0.001, dt_max: float = 0.1,
                  dt_init: str = "random", dt_scale: float = 1.0, dt_init_floor: float = 1e-4, dropout: float = 0.0,
                  conv_bias: bool = True, bias: bool = False) -> None:
         super().__init__()
@@ -83,7 +83,7 @@ class VSSBlock(nn.Module):
 class VSSLayer(nn.Module):
     """A stage of ``depth`` VSS blocks (Swin-UMamba keeps the patch merging outside, in ``downsamples``)."""
 
-    def __init__(self, dim: int, depth: int, drop_path: Union[float, Sequence[float]] = 0.0, d_state: int = 16) -> None:
+    def __init__(self, dim: int, depth: int, drop_path: float | Sequence[float] = 0.0, d_state: int = 16) -> None:
         super().__init__()
         rates = list(drop_path) if isinstance(drop_path, (list, tuple)) else [drop_path] * depth
         if len(rates) != depth:
@@ -130,7 +130,7 @@ class PatchMerging2D(nn.Module):
 class PatchExpand(nn.Module):
     """Swin-Unet's patch expanding: linear to scale^2 * out_dim, pixel shuffle by ``scale``, LayerNorm(out_dim)."""
 
-    def __init__(self, dim: int, scale: int = 2, out_dim: Optional[int] = None) -> None:
+    def __init__(self, dim: int, scale: int = 2, out_dim: int | None = None) -> None:
         super().__init__()
         self.scale = scale
         self.out_dim = dim // scale if out_dim is None else out_dim
@@ -185,7 +185,7 @@ class VSSMEncoder(nn.Module):
             nn.init.ones_(module.weight)
             nn.init.zeros_(module.bias)
 
-    def forward(self, x: torch.Tensor) -> List[torch.Tensor]:
+    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
         x = self.patch_embed(x)
         outputs = []
         for s, layer in enumerate(self.layers):

@@ -11,7 +11,8 @@ from __future__ import annotations
 import functools
 import logging
 import os
-from typing import Any, Callable, Optional, Tuple
+from typing import Any
+from collections.abc import Callable
 
 import torch
 from torch import Tensor
@@ -30,7 +31,7 @@ class BackendUnavailableError(RuntimeError):
     """A selective-scan backend was requested that cannot run here."""
 
 
-def _import_once(load: Callable[[], Any]) -> Callable[[], Tuple[Any, Optional[str]]]:
+def _import_once(load: Callable[[], Any]) -> Callable[[], tuple[Any, str | None]]:
     """``load`` run on first use only; then ``(what it returned, None)``, or ``(None, why it raised)``.
 
     A dict, not functools.lru_cache, which torch.compile warns about tracing through; ``cache_clear`` as there.
@@ -84,7 +85,7 @@ def triton_interpreted() -> bool:
     return kernels is not None and kernels.INTERPRETED
 
 
-def cuda_backend_status() -> Tuple[bool, str]:
+def cuda_backend_status() -> tuple[bool, str]:
     """Whether mamba-ssm's CUDA kernel can be used, and a human-readable reason."""
     fn, err = _mamba_ssm_kernels()
     if fn is None:
@@ -94,7 +95,7 @@ def cuda_backend_status() -> Tuple[bool, str]:
     return True, "mamba-ssm selective_scan_cuda kernels"
 
 
-def triton_backend_status() -> Tuple[bool, str]:
+def triton_backend_status() -> tuple[bool, str]:
     """Whether our Triton kernels can be used, and a human-readable reason."""
     kernels, err = _triton_kernels()
     if kernels is None:
@@ -106,7 +107,7 @@ def triton_backend_status() -> Tuple[bool, str]:
     return True, f"Triton {kernels.VERSION} kernels"
 
 
-def requested_backend(backend: Optional[str] = None) -> str:
+def requested_backend(backend: str | None = None) -> str:
     """``backend`` if given, else the one the environment asks for (``auto`` when unset); validated."""
     if backend is not None:
         value, source = backend.strip().lower() or "auto", "backend"
@@ -128,7 +129,7 @@ _REQUIREMENTS = {
 }
 
 
-def _unavailable(backend: str, device: torch.device) -> Optional[str]:
+def _unavailable(backend: str, device: torch.device) -> str | None:
     """Why ``backend`` cannot run on tensors on ``device`` (a message naming the way out), or None if it can."""
     if backend not in _REQUIREMENTS:
         return None
@@ -150,7 +151,7 @@ def check_available(backend: str, device: torch.device) -> None:
         raise BackendUnavailableError(reason)
 
 
-def resolve_backend(device: torch.device, backend: Optional[str] = None) -> str:
+def resolve_backend(device: torch.device, backend: str | None = None) -> str:
     """Pick the concrete backend for tensors on ``device``; raises if a forced backend cannot run."""
     choice = requested_backend(backend)
     if choice != "auto":
@@ -161,7 +162,7 @@ def resolve_backend(device: torch.device, backend: Optional[str] = None) -> str:
     return "torch"
 
 
-def cross_scan_backend(u: Tensor, backend: Optional[str] = None) -> str:
+def cross_scan_backend(u: Tensor, backend: str | None = None) -> str:
     """What :func:`~nnunet_mamba.ops.cross_selective_scan` runs for ``u``: ``triton`` (the fused kernels), else
     the selective-scan backend of its per-direction path (``cuda`` or ``torch``).
 

@@ -10,7 +10,7 @@ kernels are loaded by :mod:`nnunet_mamba.ops.backend` when a call first needs th
 """
 from __future__ import annotations
 
-from typing import Any, Optional, Tuple
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -27,15 +27,15 @@ TRITON_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _MAMBA_SSM_CHUNK = 2048
 
 
-def _last_dim_contiguous(t: Optional[Tensor]) -> Optional[Tensor]:
+def _last_dim_contiguous(t: Tensor | None) -> Tensor | None:
     # what mamba-ssm's kernel asks of u, delta, B, C, z and dout; other strides it takes as they are
     return t if t is None or t.stride(-1) == 1 else t.contiguous()
 
 
 @torch.library.custom_op("nnunet_mamba::selective_scan_cuda_fwd", mutates_args=())
-def _cuda_scan_fwd(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional[Tensor],
-                   z: Optional[Tensor], delta_bias: Optional[Tensor], delta_softplus: bool
-                   ) -> Tuple[Tensor, Tensor, Tensor]:
+def _cuda_scan_fwd(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor | None,
+                   z: Tensor | None, delta_bias: Tensor | None, delta_softplus: bool
+                   ) -> tuple[Tensor, Tensor, Tensor]:
     """``(out before the gate, saved states x, gated out)``; the gated out is empty without z."""
     out, x, *gated = mamba_ssm_kernels().fwd(
         *map(_last_dim_contiguous, (u, delta)), A, *map(_last_dim_contiguous, (B, C)), D,
@@ -53,9 +53,9 @@ def _(u, delta, A, B, C, D, z, delta_bias, delta_softplus):
 
 
 @torch.library.custom_op("nnunet_mamba::selective_scan_cuda_bwd", mutates_args=())
-def _cuda_scan_bwd(grad_out: Tensor, u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional[Tensor],
-                   z: Optional[Tensor], delta_bias: Optional[Tensor], x: Tensor, out: Optional[Tensor],
-                   delta_softplus: bool) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+def _cuda_scan_bwd(grad_out: Tensor, u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor | None,
+                   z: Tensor | None, delta_bias: Tensor | None, x: Tensor, out: Tensor | None,
+                   delta_softplus: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     # the kernel returns (du, ddelta, dA, dB, dC, dD, ddelta_bias[, dz]); dz is allocated by it (None), and the
     # last argument would make it recompute the gated output, which nothing here needs
     du, ddelta, dA, dB, dC, dD, dbias, *dz = mamba_ssm_kernels().bwd(
@@ -92,8 +92,8 @@ def _cuda_scan_grads(ctx, grad_plain, _grad_x, grad_gated):
 _cuda_scan_fwd.register_autograd(_cuda_scan_grads, setup_context=_setup_cuda_scan)
 
 
-def selective_scan_cuda(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional[Tensor] = None,
-                        z: Optional[Tensor] = None, delta_bias: Optional[Tensor] = None, delta_softplus: bool = False,
+def selective_scan_cuda(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor | None = None,
+                        z: Tensor | None = None, delta_bias: Tensor | None = None, delta_softplus: bool = False,
                         return_last_state: bool = False) -> ScanOutput:
     """The ``cuda`` backend: mamba-ssm's kernel (CUDA tensors). As in mamba-ssm, no gradient flows back from the
     last state."""
@@ -107,10 +107,10 @@ def selective_scan_cuda(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tenso
 
 
 @torch.library.custom_op("nnunet_mamba::selective_scan_triton_fwd", mutates_args=())
-def _triton_scan_fwd(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional[Tensor],
-                     z: Optional[Tensor], delta_bias: Optional[Tensor], delta_softplus: bool, save_states: bool,
+def _triton_scan_fwd(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor | None,
+                     z: Tensor | None, delta_bias: Tensor | None, delta_softplus: bool, save_states: bool,
                      block_l: int, block_d: int, num_warps: int, bwd_block_l: int, bwd_block_d: int,
-                     bwd_num_warps: int, fwd_rows: bool) -> Tuple[Tensor, Tensor, Tensor]:
+                     bwd_num_warps: int, fwd_rows: bool) -> tuple[Tensor, Tensor, Tensor]:
     kernels = triton_kernels()
     config = kernels.ScanConfig(block_l, block_d, num_warps, bwd_block_l, bwd_block_d, bwd_num_warps, fwd_rows)
     return kernels.scan_forward(u, delta, A, B, C, D, z, delta_bias, delta_softplus, save_states, config)
@@ -128,10 +128,10 @@ def _(u, delta, A, B, C, D, z, delta_bias, delta_softplus, save_states, block_l,
 
 
 @torch.library.custom_op("nnunet_mamba::selective_scan_triton_bwd", mutates_args=())
-def _triton_scan_bwd(grad_out: Tensor, grad_last: Optional[Tensor], u: Tensor, delta: Tensor, A: Tensor,
-                     B: Tensor, C: Tensor, D: Optional[Tensor], z: Optional[Tensor], delta_bias: Optional[Tensor],
+def _triton_scan_bwd(grad_out: Tensor, grad_last: Tensor | None, u: Tensor, delta: Tensor, A: Tensor,
+                     B: Tensor, C: Tensor, D: Tensor | None, z: Tensor | None, delta_bias: Tensor | None,
                      states: Tensor, delta_softplus: bool, block_l: int, block_d: int, num_warps: int
-                     ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+                     ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     # only the backward kernel runs: its chunk length, channels per program and warps
     kernels = triton_kernels()
     config = kernels.ScanConfig(block_l, block_d, num_warps, block_l, block_d, num_warps)
@@ -149,10 +149,10 @@ def _(grad_out, grad_last, u, delta, A, B, C, D, z, delta_bias, states, delta_so
 register_scan_autograd(_triton_scan_fwd, "selective_scan_triton_bwd", lambda inputs: (inputs[8], *inputs[13:16]))
 
 
-def selective_scan_triton(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional[Tensor] = None,
-                          z: Optional[Tensor] = None, delta_bias: Optional[Tensor] = None, delta_softplus: bool = False,
+def selective_scan_triton(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor | None = None,
+                          z: Tensor | None = None, delta_bias: Tensor | None = None, delta_softplus: bool = False,
                           return_last_state: bool = False,
-                          config: Optional[Any] = None) -> ScanOutput:
+                          config: Any | None = None) -> ScanOutput:
     """The Triton backend: CUDA tensors (any device under TRITON_INTERPRET=1), inputs in :data:`TRITON_DTYPES`.
 
     ``config`` (a :class:`nnunet_mamba.ops.triton.ScanConfig`) overrides the block sizes that

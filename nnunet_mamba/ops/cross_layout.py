@@ -5,7 +5,6 @@ kernels' launchers (:mod:`nnunet_mamba.ops.triton.cross_scan`).
 """
 from __future__ import annotations
 
-from typing import Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -24,15 +23,15 @@ def position_major(reference: Tensor, batch: int, channels: int, length: int, dt
 
 
 def chunk_states_shape(u: Tensor, delta: Tensor, A: Tensor, backend: str, save_states: bool,
-                       chunk: int) -> Tuple[int, ...]:
+                       chunk: int) -> tuple[int, ...]:
     """Shape of the fused kernels' chunk-start states: (batch, K * dim, chunks, N), or (0,) when none are kept."""
     if backend != "triton" or not save_states:
         return (0,)
     return (u.shape[0], delta.shape[1], -(-u.shape[2] // chunk), A.shape[1])
 
 
-def cross_grad_buffers(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, D: Optional[Tensor],
-                       delta_bias: Optional[Tensor]) -> Tuple[Optional[Tensor], ...]:
+def cross_grad_buffers(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, D: Tensor | None,
+                       delta_bias: Tensor | None) -> tuple[Tensor | None, ...]:
     """Gradient buffers of the fused backward pass in the compute dtype, zeroed where the kernel accumulates;
     position-major, so that the kernel's writes are whole sectors in every direction."""
     compute = compute_dtype(u)
@@ -48,6 +47,6 @@ def cross_grad_buffers(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, D: Option
     return du, ddelta, dA, dB, dC, dD, dbias
 
 
-def final_grads(buffers: Tuple[Optional[Tensor], ...], *inputs: Optional[Tensor]) -> Tuple[Optional[Tensor], ...]:
+def final_grads(buffers: tuple[Tensor | None, ...], *inputs: Tensor | None) -> tuple[Tensor | None, ...]:
     """The gradient buffers in their inputs' dtypes."""
     return tuple(None if g is None else g.to(t.dtype) for g, t in zip(buffers, inputs))

@@ -38,7 +38,7 @@ selective_scan, which keeps what its backend saves and needs no recompute.
 from __future__ import annotations
 
 import contextlib
-from typing import Iterator, Optional, Tuple
+from collections.abc import Iterator
 
 import torch
 from torch import Tensor
@@ -55,8 +55,8 @@ _CHUNK = 64
 
 # ---- public entry point ------------------------------------------------------------------------------------------
 
-def _check_shapes(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, orders: Tensor, D: Optional[Tensor],
-                  delta_bias: Optional[Tensor]) -> None:
+def _check_shapes(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, orders: Tensor, D: Tensor | None,
+                  delta_bias: Tensor | None) -> None:
     if orders.dim() != 2 or orders.dtype != torch.int64:
         raise ValueError(f"orders must be a (K, L) int64 table (scan_orders), got {orders.dtype} "
                          f"{tuple(orders.shape)}")
@@ -85,8 +85,8 @@ def _check_shapes(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, ord
 
 
 def cross_selective_scan(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, orders: Tensor,
-                         D: Optional[Tensor] = None, delta_bias: Optional[Tensor] = None,
-                         delta_softplus: bool = False, backend: Optional[str] = None) -> Tensor:
+                         D: Tensor | None = None, delta_bias: Tensor | None = None,
+                         delta_softplus: bool = False, backend: str | None = None) -> Tensor:
     """Selective scans of K directions of one map, summed in image order; see the module docstring.
 
     ``orders`` comes from :func:`scan_orders`. Returns y (batch, dim, L), float32 (float64 for float64 ``u``),
@@ -109,9 +109,9 @@ def cross_selective_scan(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tens
 
 # ---- gather / scatter path ---------------------------------------------------------------------------------------
 
-def folded_selective_scan(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional[Tensor] = None,
-                          z: Optional[Tensor] = None, delta_bias: Optional[Tensor] = None,
-                          delta_softplus: bool = False, backend: Optional[str] = None) -> Tensor:
+def folded_selective_scan(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor | None = None,
+                          z: Tensor | None = None, delta_bias: Tensor | None = None,
+                          delta_softplus: bool = False, backend: str | None = None) -> Tensor:
     """K directions' selective scans as ONE :func:`~nnunet_mamba.ops.selective_scan` call.
 
     Every direction's sequence is already in its own scan order: u, delta and z (batch, K, dim, L), B and C
@@ -121,7 +121,7 @@ def folded_selective_scan(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Ten
     """
     batch, k, dim, length = u.shape
 
-    def fold(t: Optional[Tensor]) -> Optional[Tensor]:
+    def fold(t: Tensor | None) -> Tensor | None:
         return None if t is None else t.reshape(batch, k * dim, length)
 
     y = selective_scan(fold(u), fold(delta), A, B, C, D, z=fold(z), delta_bias=delta_bias,
@@ -152,7 +152,7 @@ def _merged_in_image_order(y_scan: Tensor, orders: Tensor) -> Tensor:
 
 
 def _gather_scan_scatter(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, orders: Tensor,
-                         D: Optional[Tensor], delta_bias: Optional[Tensor], delta_softplus: bool,
+                         D: Tensor | None, delta_bias: Tensor | None, delta_softplus: bool,
                          backend: str) -> Tensor:
     """The reference path: every direction's sequence gathered, one folded selective scan, scattered back."""
     compute = compute_dtype(u)
@@ -164,8 +164,8 @@ def _gather_scan_scatter(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tens
     return _merged_in_image_order(y_scan, orders)
 
 
-def projected_cross_scan(x: Tensor, x_proj_weight: Tensor, dt_projs_weight: Tensor, A: Tensor, D: Optional[Tensor],
-                         delta_bias: Optional[Tensor], orders: Tensor, backend: Optional[str] = None) -> Tensor:
+def projected_cross_scan(x: Tensor, x_proj_weight: Tensor, dt_projs_weight: Tensor, A: Tensor, D: Tensor | None,
+                         delta_bias: Tensor | None, orders: Tensor, backend: str | None = None) -> Tensor:
     """Mamba's per-direction projections and the cross scan of one image-order map (SS2D, Flemme's Mamba block).
 
     x (batch, dim, L) in image order, shared by the K directions; x_proj_weight (K, R + 2N, dim) gives direction
@@ -182,8 +182,8 @@ def projected_cross_scan(x: Tensor, x_proj_weight: Tensor, dt_projs_weight: Tens
     return _projected_copies(x, x_proj_weight, dt_projs_weight, A, D, delta_bias, orders, backend)
 
 
-def _projected_fused(x: Tensor, x_proj_weight: Tensor, dt_projs_weight: Tensor, A: Tensor, D: Optional[Tensor],
-                     delta_bias: Optional[Tensor], orders: Tensor, backend: Optional[str]) -> Tensor:
+def _projected_fused(x: Tensor, x_proj_weight: Tensor, dt_projs_weight: Tensor, A: Tensor, D: Tensor | None,
+                     delta_bias: Tensor | None, orders: Tensor, backend: str | None) -> Tensor:
     batch, dim, length = x.shape
     k, rank = dt_projs_weight.shape[0], dt_projs_weight.shape[2]
     n = (x_proj_weight.shape[1] - rank) // 2
@@ -197,8 +197,8 @@ def _projected_fused(x: Tensor, x_proj_weight: Tensor, dt_projs_weight: Tensor, 
                                 D, delta_bias, delta_softplus=True, backend=backend)
 
 
-def _projected_copies(x: Tensor, x_proj_weight: Tensor, dt_projs_weight: Tensor, A: Tensor, D: Optional[Tensor],
-                      delta_bias: Optional[Tensor], orders: Tensor, backend: Optional[str]) -> Tensor:
+def _projected_copies(x: Tensor, x_proj_weight: Tensor, dt_projs_weight: Tensor, A: Tensor, D: Tensor | None,
+                      delta_bias: Tensor | None, orders: Tensor, backend: str | None) -> Tensor:
     rank = dt_projs_weight.shape[2]
     n = (x_proj_weight.shape[1] - rank) // 2
     xs = _shared_in_scan_order(x, orders)  # (batch, K, dim, L), each direction in its order
@@ -230,8 +230,8 @@ def _autograd_recorded() -> Iterator[None]:
 
 
 def _gather_scan_scatter_grads(grad_y: Tensor, u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor,
-                               orders: Tensor, D: Optional[Tensor], delta_bias: Optional[Tensor],
-                               delta_softplus: bool, backend: str) -> Tuple[Optional[Tensor], ...]:
+                               orders: Tensor, D: Tensor | None, delta_bias: Tensor | None,
+                               delta_softplus: bool, backend: str) -> tuple[Tensor | None, ...]:
     """Input gradients of the gather/scatter path (contiguous): its forward recomputed under autograd, then
     differentiated."""
     with _autograd_recorded():
@@ -247,9 +247,9 @@ def _gather_scan_scatter_grads(grad_y: Tensor, u: Tensor, delta: Tensor, A: Tens
 # tensor and becomes None again in the autograd formula.
 
 @torch.library.custom_op("nnunet_mamba::cross_selective_scan", mutates_args=())
-def _cross_scan_op(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, orders: Tensor, D: Optional[Tensor],
-                   delta_bias: Optional[Tensor], delta_softplus: bool, backend: str, save_states: bool, chunk: int
-                   ) -> Tuple[Tensor, Tensor]:
+def _cross_scan_op(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, orders: Tensor, D: Tensor | None,
+                   delta_bias: Tensor | None, delta_softplus: bool, backend: str, save_states: bool, chunk: int
+                   ) -> tuple[Tensor, Tensor]:
     if backend == "triton":
         return triton_kernels().cross_scan_forward(u, delta, A, B, C, orders, D, delta_bias, delta_softplus,
                                                    save_states, chunk)
@@ -267,9 +267,9 @@ def _(u, delta, A, B, C, orders, D, delta_bias, delta_softplus, backend, save_st
 
 @torch.library.custom_op("nnunet_mamba::cross_selective_scan_backward", mutates_args=())
 def _cross_scan_backward_op(grad_y: Tensor, u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor,
-                            orders: Tensor, D: Optional[Tensor], delta_bias: Optional[Tensor], chunk_states: Tensor,
+                            orders: Tensor, D: Tensor | None, delta_bias: Tensor | None, chunk_states: Tensor,
                             delta_softplus: bool, backend: str, chunk: int
-                            ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+                            ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     if backend == "triton":
         grads = triton_kernels().cross_scan_backward(grad_y, u, delta, A, B, C, orders, D, delta_bias, chunk_states,
                                                      delta_softplus, chunk)

@@ -5,7 +5,8 @@ gradient (D, z or delta_bias not given) travels as an empty tensor and becomes N
 """
 from __future__ import annotations
 
-from typing import Any, Callable, Optional, Tuple, Union
+from typing import Any
+from collections.abc import Callable
 
 import torch
 from torch import Tensor
@@ -13,7 +14,7 @@ from torch import Tensor
 # the tensors every scan op takes first, in this order: u, delta, A, B, C, D, z, delta_bias
 SCAN_INPUTS = 8
 
-ScanOutput = Union[Tensor, Tuple[Tensor, Tensor]]
+ScanOutput = Tensor | tuple[Tensor, Tensor]
 
 
 def grouped(t: Tensor) -> Tensor:
@@ -26,14 +27,14 @@ def as_op_outputs(grads: tuple, like: Tensor) -> tuple:
     return tuple(like.new_empty(0) if g is None else g.contiguous() for g in grads)
 
 
-def from_op_outputs(grads: tuple, D: Optional[Tensor], z: Optional[Tensor], delta_bias: Optional[Tensor]) -> tuple:
+def from_op_outputs(grads: tuple, D: Tensor | None, z: Tensor | None, delta_bias: Tensor | None) -> tuple:
     """A backward op's 8 outputs as autograd gradients: None for the inputs that were not given."""
     present = (True,) * 5 + (D is not None, z is not None, delta_bias is not None)
     return tuple(g if given else None for g, given in zip(grads, present))
 
 
-def fake_input_grads(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional[Tensor],
-                     z: Optional[Tensor], delta_bias: Optional[Tensor]) -> tuple:
+def fake_input_grads(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor | None,
+                     z: Tensor | None, delta_bias: Tensor | None) -> tuple:
     """What a backward op's fake implementation returns: the gradients' shapes, empty for absent inputs."""
     return tuple(u.new_empty(0) if t is None else t.new_empty(t.shape) for t in (u, delta, A, B, C, D, z, delta_bias))
 
@@ -50,7 +51,7 @@ def register_scan_autograd(forward_op: Any, backward_name: str, settings: Callab
         ctx.mark_non_differentiable(output[2])
         ctx.set_materialize_grads(False)
 
-    def grads(ctx, grad_out: Optional[Tensor], grad_last: Optional[Tensor], _grad_states) -> Tuple:
+    def grads(ctx, grad_out: Tensor | None, grad_last: Tensor | None, _grad_states) -> tuple:
         *inputs, states = ctx.saved_tensors
         u, D, z, delta_bias = inputs[0], inputs[5], inputs[6], inputs[7]
         backward = getattr(torch.ops.nnunet_mamba, backward_name)

@@ -20,7 +20,7 @@ constructed: it copies the registry.
 from __future__ import annotations
 
 import math
-from typing import Callable, Dict, FrozenSet, Optional, Sequence, Tuple
+from collections.abc import Callable, Sequence
 
 import torch
 from torch.utils.flop_counter import register_flop_formula
@@ -30,14 +30,14 @@ from . import cross_scan, selective_scan  # noqa: F401  (importing them defines 
 # The selective-scan custom ops of the nnunet_mamba namespace, each with its cost in forward passes. An op that is
 # not defined is skipped. Formulas find their inputs by the names in the op's schema: delta (batch, channels, L),
 # A (channels, N), and, where the op takes them, D and z.
-SCAN_OPS: Tuple[Tuple[str, int], ...] = (
+SCAN_OPS: tuple[tuple[str, int], ...] = (
     ("selective_scan_torch_fwd", 1), ("selective_scan_torch_bwd", 2),
     ("selective_scan_triton_fwd", 1), ("selective_scan_triton_bwd", 2),
     ("selective_scan_cuda_fwd", 1), ("selective_scan_cuda_bwd", 2),
     ("cross_selective_scan", 1), ("cross_selective_scan_backward", 2),
 )
 
-_registered: Dict[str, torch._ops.OpOverloadPacket] = {}
+_registered: dict[str, torch._ops.OpOverloadPacket] = {}
 
 
 def selective_scan_flops(batch: int, dim: int, length: int, n_state: int, with_D: bool = False,
@@ -46,7 +46,7 @@ def selective_scan_flops(batch: int, dim: int, length: int, n_state: int, with_D
     return 9 * batch * length * dim * n_state + batch * dim * length * (int(with_D) + int(with_z))
 
 
-def _given(shape: Optional[Sequence[int]]) -> bool:
+def _given(shape: Sequence[int] | None) -> bool:
     # an absent optional input reaches an op as None or, from some callers, as an empty tensor
     return shape is not None and math.prod(shape) > 0
 
@@ -61,7 +61,7 @@ def _formula(arg_names: Sequence[str], passes: int) -> Callable[..., int]:
     return flops
 
 
-def register_scan_flops() -> FrozenSet[torch._ops.OpOverloadPacket]:
+def register_scan_flops() -> frozenset[torch._ops.OpOverloadPacket]:
     """Register a formula for every op of :data:`SCAN_OPS` defined now that has none yet; returns all the ops
     registered so far (to tell the scans' share in ``FlopCounterMode.get_flop_counts()``)."""
     for name, passes in SCAN_OPS:

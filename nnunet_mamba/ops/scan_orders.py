@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import math
 from collections import OrderedDict
-from typing import Optional, Sequence, Tuple
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor
@@ -24,11 +24,11 @@ from torch._subclasses.fake_tensor import is_fake
 
 _AXES = {2: "hw", 3: "dhw"}
 # Order tables kept per (shape, directions, device); a training run meets a handful of shapes.
-_ORDER_CACHE: "OrderedDict[tuple, Tensor]" = OrderedDict()
+_ORDER_CACHE: OrderedDict[tuple, Tensor] = OrderedDict()
 _ORDER_CACHE_SIZE = 64
 
 
-def _parse_direction(direction: str, ndim: int) -> Tuple[Tuple[int, ...], bool]:
+def _parse_direction(direction: str, ndim: int) -> tuple[tuple[int, ...], bool]:
     """(axis permutation, slowest first; whether the sequence is reversed) of a direction name."""
     axes = _AXES[ndim]
     reverse = direction.startswith("-")
@@ -39,7 +39,7 @@ def _parse_direction(direction: str, ndim: int) -> Tuple[Tuple[int, ...], bool]:
     return tuple(axes.index(name) for name in names), reverse
 
 
-def _build_orders(spatial_shape: Tuple[int, ...], directions: Tuple[str, ...], device: torch.device) -> Tensor:
+def _build_orders(spatial_shape: tuple[int, ...], directions: tuple[str, ...], device: torch.device) -> Tensor:
     grid = torch.arange(math.prod(spatial_shape), device=device).view(spatial_shape)
     rows = []
     for direction in directions:
@@ -51,7 +51,7 @@ def _build_orders(spatial_shape: Tuple[int, ...], directions: Tuple[str, ...], d
 
 
 def scan_orders(spatial_shape: Sequence[int], directions: Sequence[str],
-                device: Optional[torch.device] = None) -> Tensor:
+                device: torch.device | None = None) -> Tensor:
     """The (K, L) int64 order table of ``directions`` (see the module docstring) on a map of ``spatial_shape``.
 
     ``orders[k, t]`` is the C-order flat position that direction k visits at step t, so ``x[..., orders[k]]`` is

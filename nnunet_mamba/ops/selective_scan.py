@@ -31,7 +31,6 @@ ops produce shapes without computing.
 """
 from __future__ import annotations
 
-from typing import Optional
 
 import torch
 from torch import Tensor
@@ -44,9 +43,9 @@ from .torch_scan import selective_scan_torch
 
 
 def selective_scan(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor,
-                   D: Optional[Tensor] = None, z: Optional[Tensor] = None,
-                   delta_bias: Optional[Tensor] = None, delta_softplus: bool = False,
-                   return_last_state: bool = False, backend: Optional[str] = None) -> ScanOutput:
+                   D: Tensor | None = None, z: Tensor | None = None,
+                   delta_bias: Tensor | None = None, delta_softplus: bool = False,
+                   return_last_state: bool = False, backend: str | None = None) -> ScanOutput:
     """Selective scan with mamba-ssm's semantics; see the module docstring for shapes.
 
     Returns ``out`` of shape (batch, dim, L) in ``u``'s dtype, and with ``return_last_state`` also the final
@@ -69,8 +68,8 @@ def selective_scan(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor,
         return selective_scan_torch(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state)
 
 
-def _check_shapes(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional[Tensor],
-                  z: Optional[Tensor], delta_bias: Optional[Tensor]) -> None:
+def _check_shapes(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor | None,
+                  z: Tensor | None, delta_bias: Tensor | None) -> None:
     if u.dim() != 3:
         raise ValueError(f"u must be (batch, dim, L), got shape {tuple(u.shape)}")
     batch, dim, length = u.shape

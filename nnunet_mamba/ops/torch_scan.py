@@ -7,7 +7,6 @@ recomputes each chunk, so memory is O(batch * dim * L) plus one chunk's (chunk, 
 """
 from __future__ import annotations
 
-from typing import Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -149,9 +148,9 @@ def _readout(states, C, start, stop):
 
 
 @torch.library.custom_op("nnunet_mamba::selective_scan_torch_fwd", mutates_args=())
-def _torch_scan_fwd(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional[Tensor],
-                    z: Optional[Tensor], delta_bias: Optional[Tensor], delta_softplus: bool
-                    ) -> Tuple[Tensor, Tensor, Tensor]:
+def _torch_scan_fwd(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor | None,
+                    z: Tensor | None, delta_bias: Tensor | None, delta_softplus: bool
+                    ) -> tuple[Tensor, Tensor, Tensor]:
     return _torch_forward(u, delta, A, B, C, D, z, delta_bias, delta_softplus)
 
 
@@ -166,10 +165,10 @@ def _(u, delta, A, B, C, D, z, delta_bias, delta_softplus):
 
 
 @torch.library.custom_op("nnunet_mamba::selective_scan_torch_bwd", mutates_args=())
-def _torch_scan_bwd(grad_out: Tensor, grad_last: Optional[Tensor], u: Tensor, delta: Tensor, A: Tensor, B: Tensor,
-                    C: Tensor, D: Optional[Tensor], z: Optional[Tensor], delta_bias: Optional[Tensor],
+def _torch_scan_bwd(grad_out: Tensor, grad_last: Tensor | None, u: Tensor, delta: Tensor, A: Tensor, B: Tensor,
+                    C: Tensor, D: Tensor | None, z: Tensor | None, delta_bias: Tensor | None,
                     chunk_states: Tensor, delta_softplus: bool
-                    ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+                    ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     return as_op_outputs(_torch_backward(grad_out, grad_last, u, delta, A, B, C, D, z, delta_bias, chunk_states,
                                           delta_softplus), u)
 
@@ -182,8 +181,8 @@ def _(grad_out, grad_last, u, delta, A, B, C, D, z, delta_bias, chunk_states, de
 register_scan_autograd(_torch_scan_fwd, "selective_scan_torch_bwd", lambda inputs: (inputs[8],))
 
 
-def selective_scan_torch(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional[Tensor] = None,
-                         z: Optional[Tensor] = None, delta_bias: Optional[Tensor] = None, delta_softplus: bool = False,
+def selective_scan_torch(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor | None = None,
+                         z: Tensor | None = None, delta_bias: Tensor | None = None, delta_softplus: bool = False,
                          return_last_state: bool = False) -> ScanOutput:
     """The pure-PyTorch backend (any device); computes in float32 (float64 stays float64)."""
     compute = torch.float64 if u.dtype == torch.float64 else torch.float32
@@ -196,8 +195,8 @@ def selective_scan_torch(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tens
 
 
 def selective_scan_reference(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor,
-                             D: Optional[Tensor] = None, z: Optional[Tensor] = None,
-                             delta_bias: Optional[Tensor] = None, delta_softplus: bool = False,
+                             D: Tensor | None = None, z: Tensor | None = None,
+                             delta_bias: Tensor | None = None, delta_softplus: bool = False,
                              return_last_state: bool = False) -> ScanOutput:
     """The definition, one time step after another: slow, for tests and as documentation."""
     dtype_in = u.dtype

@@ -3,7 +3,7 @@ Revisited) and the constants and batch-size rule of its ExperimentPlanner, for t
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Sequence
+from collections.abc import Sequence
 
 # nnU-Net's planner constants (ExperimentPlanner): smallest batch, largest share of the dataset's voxels in one
 # batch, smallest feature-map edge at the bottleneck.

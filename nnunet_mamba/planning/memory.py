@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import itertools
 import pydoc
-from typing import Dict, Sequence
+from collections.abc import Sequence
 
 import torch
 from torch import nn
@@ -58,7 +58,7 @@ def training_loss(num_outputs: int) -> nn.Module:
 
 def network_memory_gib(network: nn.Module, in_channels: int, patch_size: Sequence[int], batch_size: int) -> float:
     """Estimated peak GiB of one training step of ``network`` (in training mode); see the module docstring."""
-    saved: Dict[StorageWeakRef, int] = {}
+    saved: dict[StorageWeakRef, int] = {}
 
     def pack(tensor: torch.Tensor) -> torch.Tensor:
         storage = tensor.untyped_storage()

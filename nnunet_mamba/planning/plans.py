@@ -28,7 +28,7 @@ import json
 import math
 import os
 from dataclasses import dataclass
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from collections.abc import Callable, Sequence
 
 from torch import nn
 
@@ -46,17 +46,17 @@ class PlanningError(ValueError):
 class Candidate:
     """A patch size and the arch_kwargs that go with it, as written to the plans (classes as import paths)."""
 
-    patch_size: List[int]
+    patch_size: list[int]
     arch_kwargs: dict
 
 
-def _axis_to_shrink(patch: Sequence[int], median: Sequence[float], shrinkable: Sequence[bool]) -> Optional[int]:
+def _axis_to_shrink(patch: Sequence[int], median: Sequence[float], shrinkable: Sequence[bool]) -> int | None:
     # nnU-Net's choice: the axis that is largest relative to the median image, so the patch keeps its proportions
     axes = [a for a in range(len(patch)) if shrinkable[a]]
     return max(axes, key=lambda a: patch[a] / median[a]) if axes else None
 
 
-def _shrink_unet(candidate: Candidate, spacing: Sequence[float], median: Sequence[float]) -> Optional[Candidate]:
+def _shrink_unet(candidate: Candidate, spacing: Sequence[float], median: Sequence[float]) -> Candidate | None:
     """The next smaller patch by nnU-Net's planner, with the U-Net topology re-derived for it."""
     from nnunetv2.experiment_planning.experiment_planners.network_topology import get_pool_and_conv_props
 
@@ -87,7 +87,7 @@ def _shrink_unet(candidate: Candidate, spacing: Sequence[float], median: Sequenc
     return Candidate([int(p) for p in patch], arch)
 
 
-def _shrink_fixed(candidate: Candidate, median: Sequence[float], step: Sequence[int]) -> Optional[Candidate]:
+def _shrink_fixed(candidate: Candidate, median: Sequence[float], step: Sequence[int]) -> Candidate | None:
     """The patch one total stride smaller along one axis (fixed architectures pad to multiples of it)."""
     patch = list(candidate.patch_size)
     axis = _axis_to_shrink(patch, median, [p > s for p, s in zip(patch, step)])
@@ -112,7 +112,7 @@ def _dataset_voxels(plans_manager, median: Sequence[int], num_training: int) -> 
 
 
 def plan_configuration(network_name: str, plans: dict, configuration: str, dataset_json: dict,
-                       gpu_memory_gib: float, log: Callable[[str], None] = print) -> Tuple[dict, float]:
+                       gpu_memory_gib: float, log: Callable[[str], None] = print) -> tuple[dict, float]:
     """One configuration of the plans for ``network_name`` and its estimated peak GiB; ``plans`` are nnU-Net's."""
     from nnunetv2.utilities.label_handling.label_handling import determine_num_input_channels
     from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
@@ -180,10 +180,10 @@ def plan_configuration(network_name: str, plans: dict, configuration: str, datas
     return planned, estimate
 
 
-Shrink = Callable[[Candidate, List[int]], Optional[Candidate]]
+Shrink = Callable[[Candidate, list[int]], Candidate | None]
 
 
-def _first_candidate(spec: NetworkSpec, manager, in_channels: int, num_classes: int) -> Tuple[Candidate, Shrink]:
+def _first_candidate(spec: NetworkSpec, manager, in_channels: int, num_classes: int) -> tuple[Candidate, Shrink]:
     """nnU-Net's patch with the network's arch_kwargs, and how to shrink it."""
     patch = [int(p) for p in manager.patch_size]
     arch = {**spec.defaults, **plan_kwargs(spec.name, manager.network_arch_init_kwargs, patch,
@@ -203,7 +203,7 @@ def _first_candidate(spec: NetworkSpec, manager, in_channels: int, num_classes: 
     return Candidate(patch, arch), lambda c, median: _shrink_fixed(c, median, step)
 
 
-def _link_stages(configurations: Dict[str, dict]) -> None:
+def _link_stages(configurations: dict[str, dict]) -> None:
     """Keep cascade links only between configurations that are in the plans."""
     for name, config in configurations.items():
         previous = config.get("previous_stage")
@@ -223,8 +223,8 @@ def default_plans_name(network_name: str) -> str:
     return f"nnUNetMambaPlans_{network_name}"
 
 
-def plan_for_network(preprocessed_folder: str, network_name: str, configurations: Optional[Sequence[str]] = None,
-                     gpu_memory_gib: float = 8.0, plans_name: Optional[str] = None,
+def plan_for_network(preprocessed_folder: str, network_name: str, configurations: Sequence[str] | None = None,
+                     gpu_memory_gib: float = 8.0, plans_name: str | None = None,
                      source_plans: str = "nnUNetPlans", log: Callable[[str], None] = print) -> str:
     """Write the plans for ``network_name`` into a dataset's nnU-Net preprocessed folder; returns the file's path.
 

@@ -20,7 +20,6 @@ All train with Flemme's recipe (Adam, lr 3e-4, weight decay 1e-8, linear decay t
 from __future__ import annotations
 
 import os
-from typing import List
 
 import torch
 from nnunetv2.training.loss.deep_supervision import DeepSupervisionWrapper
@@ -31,7 +30,7 @@ from .base import ShortRunMixin, nnUNetTrainerMamba
 PYRAMID_LAMBDA_ENV = "NNUNET_MAMBA_PYRAMID_LAMBDA"
 
 
-def pyramid_loss_weights(num_sides: int, lam: float) -> List[float]:
+def pyramid_loss_weights(num_sides: int, lam: float) -> list[float]:
     """Loss weights of [fused, side_1, ..., side_n] for Flemme's pyramid loss (Eq. 13-14)."""
     if num_sides < 1:
         raise ValueError(f"the pyramid loss needs at least one side prediction, got {num_sides}")

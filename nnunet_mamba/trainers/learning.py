@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import os
 import random
-from typing import Dict, Tuple
 
 import numpy as np
 import torch
@@ -62,13 +61,13 @@ class LearnBenchMixin:
         super().on_train_end()
 
 
-def base_trainers() -> Dict[str, type]:
+def base_trainers() -> dict[str, type]:
     """The trainers that get a variant: ours without the ``_demo`` ones, and nnU-Net's ``nnUNetTrainer``."""
     ours = {name: getattr(_package, name) for name in _package.list_trainers() if not name.endswith("_demo")}
     return {"nnUNetTrainer": nnUNetTrainer, **ours}
 
 
-def trainer_dims(name: str) -> Tuple[int, ...]:
+def trainer_dims(name: str) -> tuple[int, ...]:
     """Dimensions a base trainer (a name of :func:`base_trainers`) supports."""
     network_name = getattr(base_trainers()[name], "network_name", "")
     return get_network_spec(network_name).dims if network_name else (2, 3)
@@ -78,7 +77,7 @@ def needs_pretrained_weights(name: str) -> bool:
     return bool(getattr(base_trainers()[name], "pretrained_weights", ""))
 
 
-def _make_variants() -> Dict[str, type]:
+def _make_variants() -> dict[str, type]:
     variants = {}
     for name, base in base_trainers().items():
         variant = type(name + SUFFIX, (LearnBenchMixin, base), {"__module__": __name__})

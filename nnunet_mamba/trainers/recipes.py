@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Iterable, List, Optional, Sequence, Tuple
+from collections.abc import Iterable, Sequence
 
 import torch
 from nnunetv2.training.lr_scheduler.polylr import PolyLRScheduler
@@ -42,7 +42,7 @@ class Recipe:
     source: str
     momentum: float = 0.0  # SGD
     nesterov: bool = False  # SGD
-    betas: Tuple[float, float] = (0.9, 0.999)  # Adam, AdamW
+    betas: tuple[float, float] = (0.9, 0.999)  # Adam, AdamW
     eps: float = 1e-8  # Adam, AdamW
     poly_exponent: float = 0.9  # poly: lr * (1 - epoch / num_epochs) ** exponent
     min_lr: float = 0.0  # cosine: the floor it anneals to
@@ -51,7 +51,7 @@ class Recipe:
     plateau_patience: int = 10
     # epochs of nnU-Net's 250 iterations; None: nnU-Net's 1000 (where the original's epochs are passes over a
     # dataset of another size, they do not translate)
-    epochs: Optional[int] = None
+    epochs: int | None = None
 
     def __post_init__(self) -> None:
         if self.optimizer not in OPTIMIZERS:
@@ -114,7 +114,7 @@ class EpochScheduler(LRScheduler):
     def lr_at(self, epoch: int) -> float:
         raise NotImplementedError
 
-    def step(self, current_step: Optional[int] = None) -> None:
+    def step(self, current_step: int | None = None) -> None:
         if current_step is None or current_step == -1:
             current_step = self.ctr
             self.ctr += 1
@@ -185,12 +185,12 @@ def build_scheduler(recipe: Recipe, optimizer: torch.optim.Optimizer, num_epochs
 
 
 def build(recipe: Recipe, parameters: Iterable[torch.nn.Parameter],
-          num_epochs: int) -> Tuple[torch.optim.Optimizer, LRScheduler]:
+          num_epochs: int) -> tuple[torch.optim.Optimizer, LRScheduler]:
     """The optimiser and scheduler of ``recipe`` (what ``configure_optimizers`` returns)."""
     optimizer = build_optimizer(recipe, parameters)
     return optimizer, build_scheduler(recipe, optimizer, num_epochs)
 
 
-__all__: List[str] = ["Recipe", "NNUNET", "SWIN_UMAMBA", "VIM_UNET", "SEGRESMAMBA", "FLEMME", "build",
+__all__: list[str] = ["Recipe", "NNUNET", "SWIN_UMAMBA", "VIM_UNET", "SEGRESMAMBA", "FLEMME", "build",
                       "build_optimizer", "build_scheduler", "CosineAnnealingScheduler", "LinearScheduler",
                       "PlateauScheduler"]

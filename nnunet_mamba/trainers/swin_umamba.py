@@ -16,7 +16,7 @@ correctly.
 """
 from __future__ import annotations
 
-from typing import Callable, Iterable, List
+from collections.abc import Callable, Iterable
 
 import torch
 
@@ -28,7 +28,7 @@ from .recipes import CosineAnnealingScheduler  # noqa: F401 - its former home
 
 
 def freeze_while(optimizer: torch.optim.Optimizer, parameters: Iterable[torch.nn.Parameter],
-                 frozen: Callable[[], bool]) -> List:
+                 frozen: Callable[[], bool]) -> list:
     """Keep ``parameters`` unchanged by ``optimizer`` while ``frozen()``; returns the hooks' removable handles.
 
     While frozen, a hook on each parameter replaces its gradient by zeros as backward computes it (before DDP

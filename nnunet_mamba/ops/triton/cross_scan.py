@@ -25,7 +25,6 @@ come from gathers at t - 1 and t + 1 rather than from shifting register tiles, w
 """
 from __future__ import annotations
 
-from typing import Optional, Tuple
 
 import triton
 import triton.language as tl
@@ -40,14 +39,14 @@ _BLOCK_C = 4
 _NUM_WARPS_FWD = 4
 _NUM_WARPS_BWD = 8  # the backward tile holds about twice as many live (channel, state, step) arrays
 
-def _blocks(dim: int, n_state: int) -> Tuple[int, int]:
+def _blocks(dim: int, n_state: int) -> tuple[int, int]:
     """(channels per program, padded state count) for the fused kernels."""
     return min(_BLOCK_C, triton.next_power_of_2(dim)), triton.next_power_of_2(n_state)
 
 
-def cross_scan_forward(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, orders: Tensor, D: Optional[Tensor],
-                    delta_bias: Optional[Tensor], delta_softplus: bool, save_states: bool, chunk: int
-                    ) -> Tuple[Tensor, Tensor]:
+def cross_scan_forward(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, orders: Tensor, D: Tensor | None,
+                    delta_bias: Tensor | None, delta_softplus: bool, save_states: bool, chunk: int
+                    ) -> tuple[Tensor, Tensor]:
     compute = compute_dtype(u)
     batch, _, length = u.shape
     n_dir = orders.shape[0]
@@ -66,8 +65,8 @@ def cross_scan_forward(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor
 
 
 def cross_scan_backward(grad_y: Tensor, u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, orders: Tensor,
-                     D: Optional[Tensor], delta_bias: Optional[Tensor], chunk_states: Tensor, delta_softplus: bool,
-                     chunk: int) -> Tuple[Optional[Tensor], ...]:
+                     D: Tensor | None, delta_bias: Tensor | None, chunk_states: Tensor, delta_softplus: bool,
+                     chunk: int) -> tuple[Tensor | None, ...]:
     batch, _, length = u.shape
     n_dir = orders.shape[0]
     dim, n_state = delta.shape[1] // n_dir, A.shape[1]

@@ -37,7 +37,6 @@ and then added with float32 atomics into a (batch, G, N, L) buffer, one atomic p
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional, Tuple
 
 import torch
 import triton
@@ -93,7 +92,7 @@ def default_config(channels_per_group: int, length: int, n_state: int, batch_gro
                       bwd_block_d=min(2, triton.next_power_of_2(channels_per_group)), bwd_num_warps=1)
 
 
-def _strides(t: Optional[torch.Tensor], rank: int) -> Tuple[int, ...]:
+def _strides(t: torch.Tensor | None, rank: int) -> tuple[int, ...]:
     return (0,) * rank if t is None else tuple(t.stride())
 
 
@@ -113,9 +112,9 @@ def _problem(u: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
 
 
 def scan_forward(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
-                 D: Optional[torch.Tensor], z: Optional[torch.Tensor], delta_bias: Optional[torch.Tensor],
+                 D: torch.Tensor | None, z: torch.Tensor | None, delta_bias: torch.Tensor | None,
                  delta_softplus: bool, save_states: bool, config: ScanConfig
-                 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(out, last_state, states)``: out in u's dtype, the final state (batch, dim, N) and the chunk start states
     (batch, n_saved_states, dim, N) in float32 (empty unless ``save_states``). A, D, delta_bias must be float32."""
     batch, dim, length, n_state, Bg, Cg, groups, saved = _problem(u, A, B, C, config)
@@ -146,10 +145,10 @@ def scan_forward(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torch
     return out, last, states
 
 
-def scan_backward(grad_out: torch.Tensor, grad_last: Optional[torch.Tensor], u: torch.Tensor, delta: torch.Tensor,
-                  A: torch.Tensor, B: torch.Tensor, C: torch.Tensor, D: Optional[torch.Tensor],
-                  z: Optional[torch.Tensor], delta_bias: Optional[torch.Tensor], states: torch.Tensor,
-                  delta_softplus: bool, config: ScanConfig) -> Tuple[Optional[torch.Tensor], ...]:
+def scan_backward(grad_out: torch.Tensor, grad_last: torch.Tensor | None, u: torch.Tensor, delta: torch.Tensor,
+                  A: torch.Tensor, B: torch.Tensor, C: torch.Tensor, D: torch.Tensor | None,
+                  z: torch.Tensor | None, delta_bias: torch.Tensor | None, states: torch.Tensor,
+                  delta_softplus: bool, config: ScanConfig) -> tuple[torch.Tensor | None, ...]:
     """Gradients ``(du, ddelta, dA, dB, dC, dD, dz, ddelta_bias)`` from :func:`scan_forward`'s saved states;
     each in its input's dtype and shape, None where the input is None."""
     batch, dim, length, n_state, Bg, Cg, groups, saved = _problem(u, A, B, C, config)
