@@ -53,6 +53,19 @@ def assert_manifest_output_shapes(network: nn.Module, manifest: dict) -> None:
         network.decoder.deep_supervision = True
 
 
+def distinct_ss2d(d_model: int = 16, d_state: int = 16) -> nn.Module:
+    """A float64 SS2D (seeded) whose four directions' parameters clearly differ, so that a direction mixed up with
+    another shows."""
+    from nnunet_mamba.layers.vss import SS2D
+
+    torch.manual_seed(0)
+    m = SS2D(d_model, d_state=d_state).double()
+    with torch.no_grad():
+        m.A_logs.add_(torch.rand_like(m.A_logs))
+        m.Ds.copy_(torch.randn_like(m.Ds))
+    return m
+
+
 def relative_error(a: torch.Tensor, b: torch.Tensor, floor: float = 1e-12) -> float:
     """Largest absolute difference relative to the largest magnitude of the reference ``b`` (at least ``floor``),
     in float64."""

@@ -12,7 +12,7 @@ import sys
 
 import pytest
 import torch
-from helpers import relative_error as _relative_error
+from helpers import distinct_ss2d, relative_error as _relative_error
 from torch._subclasses.fake_tensor import FakeTensorMode
 
 import nnunet_mamba
@@ -252,15 +252,6 @@ def ss2d_outputs_and_grads(m: SS2D, x: torch.Tensor, forward) -> tuple:
     y = forward(m, x)
     (y * torch.randn(y.shape, generator=torch.Generator().manual_seed(3), dtype=y.dtype)).sum().backward()
     return y.detach(), {"x": x.grad, **{n: p.grad.clone() for n, p in m.named_parameters()}}
-
-
-def distinct_ss2d(d_model: int = 16, d_state: int = 16) -> SS2D:
-    torch.manual_seed(0)
-    m = SS2D(d_model, d_state=d_state).double()
-    with torch.no_grad():  # make the four directions' parameters clearly different
-        m.A_logs.add_(torch.rand_like(m.A_logs))
-        m.Ds.copy_(torch.randn_like(m.Ds))
-    return m
 
 
 def test_compiled_ss2d_fullgraph_equals_eager():
