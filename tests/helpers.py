@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 BIN = os.path.dirname(sys.executable)  # the console scripts of the Python that runs the tests
+E2E_TRAINERS = os.path.join(os.path.dirname(__file__), "e2e_trainers")  # the end-to-end tests' short trainers
 REFERENCE = os.path.join(os.path.dirname(__file__), "reference")
 PLAIN_CONV_UNET = "dynamic_network_architectures.architectures.unet.PlainConvUNet"
 CLASS_KEYS = ["conv_op", "norm_op", "dropout_op", "nonlin"]  # the arch_kwargs nnU-Net resolves to classes
@@ -194,11 +195,12 @@ def tiny_network_kwargs(name: str, dim: int = 2, size: tuple = (32, 32)) -> dict
 
 
 def nnunet(work, *command: str, extra_env: dict | None = None) -> subprocess.CompletedProcess:
-    """Runs ``command`` in a fresh shell after the README's one-liner (eval "$(nnunet-mamba env)"), with nnU-Net's
-    folders under ``work`` and one process per step; fails the test, showing the output's ends, if it fails."""
+    """Runs ``command`` in a fresh shell after the README's one-liner (eval "$(nnunet-mamba env)", which keeps the
+    tests' trainer folder E2E_TRAINERS), with nnU-Net's folders under ``work`` and one process per step; fails the
+    test, showing the output's ends, if it fails."""
     env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
            "nnUNet_raw": str(work / "raw"), "nnUNet_preprocessed": str(work / "preprocessed"),
-           "nnUNet_results": str(work / "results"), "nnUNet_extTrainer": "", "nnUNet_def_n_proc": "1",
+           "nnUNet_results": str(work / "results"), "nnUNet_extTrainer": E2E_TRAINERS, "nnUNet_def_n_proc": "1",
            "nnUNet_n_proc_DA": "0", **(extra_env or {})}
     script = 'eval "$(nnunet-mamba env)" && ' + " ".join(command)
     result = subprocess.run(["bash", "-c", script], capture_output=True, text=True, env=env, timeout=900)
