@@ -1,3 +1,4 @@
+import importlib.util
 import os
 import subprocess
 import sys
@@ -38,8 +39,47 @@ def test_env_reports_diagnostics(capsys, monkeypatch):
     assert "export nnUNet_extTrainer=" in out
     assert "nnUNet_raw: NOT SET" in out
     assert "selective scan: NNUNET_MAMBA_BACKEND=" in out
-    assert "triton backend available" in out or "triton backend unavailable (" in out
     assert all(line.startswith(("#", "export ")) for line in out.splitlines())
+
+
+def env_triton_status(tmp_path, block_triton: bool = False, interpret: bool = False) -> str:
+    """What `nnunet-mamba env`, run in a fresh interpreter, says of the triton backend (its `# selective scan:` line
+    from "triton backend " to the next backend), with triton made unimportable (a `triton` package that raises
+    ImportError, first on the path) or run in Triton's interpreter."""
+    import nnunet_mamba
+    env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "NNUNET_MAMBA_BACKEND")}
+    paths = [os.path.dirname(os.path.dirname(nnunet_mamba.__file__)), env.get("PYTHONPATH")]  # the package tested
+    if block_triton:
+        (tmp_path / "triton").mkdir()
+        (tmp_path / "triton" / "__init__.py").write_text('raise ImportError("triton blocked by the test")\n')
+        paths.insert(0, str(tmp_path))
+    if interpret:
+        env["TRITON_INTERPRET"] = "1"
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, paths))
+    script = "from nnunet_mamba.cli import main; raise SystemExit(main(['env']))"
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300)
+    assert result.returncode == 0, result.stderr
+    (line,) = [line for line in result.stdout.splitlines() if line.startswith("# selective scan:")]
+    assert "NNUNET_MAMBA_BACKEND=auto" in line and "triton backend " in line, line
+    return line.split("triton backend ", 1)[1].split("; torch backend", 1)[0]
+
+
+def test_env_reports_triton_unavailable_when_it_cannot_be_imported(tmp_path):
+    status = env_triton_status(tmp_path, block_triton=True)
+    assert status.startswith("unavailable (") and "triton blocked by the test" in status, status
+
+
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
+@pytest.mark.parametrize("interpret", [False, True], ids=["compiled", "interpreter"])
+def test_env_reports_the_installed_triton(tmp_path, interpret):
+    import torch
+    status = env_triton_status(tmp_path, interpret=interpret)
+    if interpret:  # the interpreter runs on any device
+        assert status.startswith("available (Triton ") and "interpreter" in status, status
+    elif torch.cuda.is_available():
+        assert status.startswith("available (Triton "), status
+    else:
+        assert status.startswith("unavailable (") and "no CUDA device" in status, status
 
 
 def test_list_names_networks_and_trainers(capsys):

@@ -19,50 +19,16 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from helpers import DATASET_JSON, fake_vmamba_checkpoint, tiny_swin_umamba_d_plans
 
 pytest.importorskip("nnunetv2")
 
 WORLD_SIZE = 2
 PATCH = (32, 32)
-NETWORK = {"depths": [1, 1, 1, 1], "embed_dim": 8, "d_state": 4}
 # (epoch, steps): frozen epochs 0 and 1 (a checkpoint is saved and loaded after epoch 0), a jump to the last frozen
 # epoch 9 as when resuming, then the unfrozen epochs 10 and 11; the trainer freezes for its first 10 epochs
 SCHEDULE = [(0, 2), (1, 1), (9, 1), (10, 2), (11, 1)]
 FREEZE_EPOCHS = 10
-
-
-def _plans() -> dict:
-    configuration = {
-        "data_identifier": "x", "preprocessor_name": "DefaultPreprocessor", "batch_size": 2 * WORLD_SIZE,
-        "patch_size": list(PATCH), "median_image_size_in_voxels": list(PATCH), "spacing": [1.0, 1.0],
-        "normalization_schemes": ["ZScoreNormalization"], "use_mask_for_norm": [False],
-        "resampling_fn_data": "resample_data_or_seg_to_shape", "resampling_fn_seg": "resample_data_or_seg_to_shape",
-        "resampling_fn_data_kwargs": {}, "resampling_fn_seg_kwargs": {},
-        "resampling_fn_probabilities": "resample_data_or_seg_to_shape", "resampling_fn_probabilities_kwargs": {},
-        "batch_dice": True,  # nnU-Net's 2D default; under DDP the Dice loss then all-gathers across ranks
-        # plans as `nnunet-mamba plan --arch swin_umamba_d` writes them, with a tiny encoder
-        "architecture": {"network_class_name": "nnunet_mamba.networks.swin_umamba.SwinUMambaD",
-                         "arch_kwargs": dict(NETWORK), "_kw_requires_import": []},
-    }
-    return {"dataset_name": "Dataset001_X", "plans_name": "nnUNetPlans", "original_median_spacing_after_transp": [1, 1],
-            "original_median_shape_after_transp": list(PATCH), "image_reader_writer": "SimpleITKIO",
-            "transpose_forward": [0, 1], "transpose_backward": [0, 1], "configurations": {"cfg": configuration},
-            "experiment_planner_used": "ExperimentPlanner", "label_manager": "LabelManager",
-            "foreground_intensity_properties_per_channel": {}, "continue_training": False}
-
-
-DATASET_JSON = {"channel_names": {"0": "MRI"}, "labels": {"background": 0, "a": 1, "b": 2}, "numTraining": 4,
-                "file_ending": ".nii.gz"}
-
-
-def _fake_vmamba_checkpoint() -> dict:
-    """A VMamba-style checkpoint (its key names) for the tiny encoder, the same in every process."""
-    from nnunet_mamba.networks import SwinUMambaD
-    torch.manual_seed(1234)
-    encoder = {k[len("vssm_encoder."):]: v for k, v in SwinUMambaD(1, 3, **NETWORK).state_dict().items()
-               if k.startswith("vssm_encoder.")}
-    return {"model": {re.sub(r"^downsamples\.(\d+)\.", r"layers.\1.downsample.", k): v + 0.01 * torch.randn_like(v)
-                      for k, v in encoder.items()}}
 
 
 def _all_equal_across_ranks(tensor: torch.Tensor) -> bool:
@@ -100,14 +66,15 @@ def _train(rank: int, work: str) -> None:
             super().__init__(module, **kwargs)
 
     nnunet_trainer_module.DDP = CPUDistributedDataParallel
-    checkpoint = _fake_vmamba_checkpoint()
+    checkpoint = fake_vmamba_checkpoint()
     swin_trainers.load_pretrained_state_dict = lambda name: checkpoint  # instead of the downloaded weights file
 
     class Trainer(swin_trainers.nnUNetTrainerSwinUMambaD):  # the pretrained trainer: ImageNet encoder, frozen first
         pass
 
     assert Trainer.freeze_epochs == FREEZE_EPOCHS and Trainer.pretrained_weights
-    trainer = Trainer(_plans(), "cfg", 0, DATASET_JSON, device=torch.device("cpu"))
+    plans = tiny_swin_umamba_d_plans(PATCH, batch_size=2 * WORLD_SIZE)
+    trainer = Trainer(plans, "cfg", 0, DATASET_JSON, device=torch.device("cpu"))
     assert trainer.is_ddp and trainer.local_rank == rank
     trainer.device = torch.device("cpu")  # nnU-Net's __init__ sets cuda:<rank> under DDP
     trainer.initialize()

@@ -10,11 +10,11 @@ import os
 import numpy as np
 import pytest
 import torch
+from helpers import nnunet
 
 pytest.importorskip("nnunetv2")
 
 from nnunet_mamba.synthetic import make_dataset  # noqa: E402
-from test_e2e_nnunet import nnunet  # noqa: E402
 
 pytestmark = pytest.mark.e2e
 SHAPE = (32, 32)  # Swin-UMamba's total stride: no padding, the cheapest patch it takes

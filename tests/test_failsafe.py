@@ -193,11 +193,11 @@ def test_list_aligns_names_and_says_how_to_fix_the_trainer_lookup(capsys, monkey
 def test_segresmamba_too_small_patch_stops_at_network_build():
     """Before nnU-Net starts its data loaders (whose EOFError was the last line users saw)."""
     from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
-    from test_trainers import plans_for
+    from helpers import manifest_plans
 
     from nnunet_mamba.trainers import nnUNetTrainerSegResMamba
 
-    plans = plans_for("umamba_enc_3d_plan128", (32, 32, 32))
+    plans = manifest_plans("umamba_enc_3d_plan128", (32, 32, 32))
     plans["configurations"]["cfg"]["architecture"]["arch_kwargs"].update(
         n_stages=4, strides=[[1] * 3] + [[2] * 3] * 3)
     manager = PlansManager(plans)
@@ -207,12 +207,12 @@ def test_segresmamba_too_small_patch_stops_at_network_build():
 
 def test_prediction_refuses_nan_input():
     from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
-    from test_trainers import plans_for
+    from helpers import manifest_plans
 
     from nnunet_mamba.trainers import nnUNetTrainerUMambaBot
     from nnunet_mamba.networks.base import refuse_nan_input
 
-    manager = PlansManager(plans_for("umamba_bot_2d_plan320", (320, 320)))
+    manager = PlansManager(manifest_plans("umamba_bot_2d_plan320", (320, 320)))
     network = nnUNetTrainerUMambaBot.build_network_architecture(manager, manager.get_configuration("cfg"), 1, 3,
                                                                 False).eval()
     image = torch.zeros(1, 1, 320, 320)

@@ -3,6 +3,7 @@ configurations, CPU, in-process)."""
 import pytest
 import torch
 from dynamic_network_architectures.architectures.abstract_arch import AbstractDynamicNetworkArchitectures
+from helpers import tiny_network_kwargs
 from nnunetv2.run.load_pretrained_weights import load_pretrained_weights
 from torch import nn
 
@@ -15,31 +16,10 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 CLASSES_A, CLASSES_B = 3, 5
 
 
-def tiny_kwargs(name: str) -> dict:
-    """The smallest configuration of each network family that still has all of its parts."""
-    if name.startswith("flemme"):
-        return dict(n_stages=4, features_per_stage=[4, 6, 8, 12], conv_op=nn.Conv2d, strides=[[1, 1]] + [[2, 2]] * 3,
-                    num_blocks=1, middle_depth=1)
-    if name.startswith("umamba"):
-        return dict(n_stages=4, features_per_stage=[8, 16, 32, 32], conv_op=nn.Conv2d, kernel_sizes=[[3, 3]] * 4,
-                    strides=[[1, 1]] + [[2, 2]] * 3, n_conv_per_stage=[1] * 4, n_conv_per_stage_decoder=[1] * 3,
-                    conv_bias=True, norm_op=nn.InstanceNorm2d, norm_op_kwargs={"eps": 1e-5, "affine": True},
-                    nonlin=nn.LeakyReLU, nonlin_kwargs={"inplace": True}, input_size=(32, 32))
-    if name == "segresmamba":
-        return dict(encoder_width=4, decoder_width=8, d_state=4)
-    if name == "swin_umamba":
-        return dict(depths=(1, 1, 1, 1), embed_dim=16, stem_channels=8)
-    if name == "swin_umamba_d":
-        return dict(depths=(1, 1, 1, 1), embed_dim=16)
-    if name.startswith("vim_unet"):
-        return dict(embed_dim=32, depth=2, input_size=(32, 32))
-    raise KeyError(f"no tiny configuration for {name}: add one")
-
-
 def tiny(name: str, num_classes: int, input_channels: int = 1, seed: int = 0) -> nn.Module:
     torch.manual_seed(seed)
     return create_network(name, input_channels=input_channels, num_classes=num_classes, deep_supervision=True,
-                          **tiny_kwargs(name))
+                          **tiny_network_kwargs(name))
 
 
 def save_nnunet_checkpoint(network: nn.Module, path) -> None:

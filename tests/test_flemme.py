@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from batchgeneratorsv2.transforms.utils.deep_supervision_downsampling import DownsampleSegForDSTransform
 from torch._subclasses.fake_tensor import is_fake
 
-from conftest import load_manifest
+from helpers import load_manifest
 from nnunet_mamba.layers.flemme import (CombinationLayer, FlemmeConvBlock, MambaBlock, PatchEmbedding, PatchExpanding,
                                         PatchMerging, PatchRecovery, FlemmeResConvBlock, ResMambaBlock, ResSwinBlock,
                                         SwinBlock, flemme_directions, strided_conv)

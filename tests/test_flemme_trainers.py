@@ -85,10 +85,10 @@ def test_pyramid_lambda_from_the_environment_must_be_a_number(monkeypatch):
 
 
 def test_sem_trainers_build_single_output_networks_from_the_plans():
-    from test_trainers import plans_for  # noqa: E402  (the U-Mamba 2D plan of the reference manifest)
+    from helpers import manifest_plans  # the U-Mamba 2D plan of the reference manifest
     from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
-    plans = PlansManager(plans_for("umamba_bot_2d_plan320", (128, 128)))
+    plans = PlansManager(manifest_plans("umamba_bot_2d_plan320", (128, 128)))
     config = plans.get_configuration("cfg")
     network = nnUNetTrainerFlemmeMambaU.build_network_architecture(plans, config, 2, 4, False)
     assert type(network).__name__ == "FlemmeMambaU"

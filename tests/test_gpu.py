@@ -1,6 +1,7 @@
 """Backend equivalence on a CUDA device at realistic sizes (skipped where there is no GPU, mamba-ssm or triton)."""
 import pytest
 import torch
+from helpers import relative_error
 
 from nnunet_mamba.ops import selective_scan, selective_scan_reference
 from nnunet_mamba.cli.benchmark_kernels import ISSUE_SHAPES, benchmark_scan_shapes
@@ -14,11 +15,6 @@ needs_triton = pytest.mark.skipif(not triton_backend_status()[0], reason="needs 
 # a ViM block (2 directions), a long 3D sequence
 SHAPES = [(2, 1024, 100, None), (12, 4 * 192, 6400, 4), (12, 4 * 384, 1600, 4), (4, 2 * 384, 1024, 2),
           (2, 64, 65536, None)]
-
-
-def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
-    a, b = a.double(), b.double()
-    return ((a - b).abs().max() / b.abs().max().clamp_min(1e-12)).item()
 
 
 def make_inputs(batch, dim, length, groups, n=16, dtype=torch.float32, with_z=True):

@@ -4,6 +4,7 @@ import math
 
 import pytest
 import torch
+from helpers import relative_error
 
 from nnunet_mamba.layers.tom import DIRECTIONS as TOM_DIRECTIONS
 from nnunet_mamba.layers.tom import ORDER_NAMES as TOM_ORDER_NAMES
@@ -26,10 +27,6 @@ SHAPES = {
     "tom_per_direction": (2, 96, (32, 32, 32), TOM, 16, False, False),
     "tom_shared": (2, 96, (32, 32, 32), TOM, 16, True, True),
 }
-
-
-def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a.float() - b.float()).abs().max() / b.float().abs().max().clamp_min(1e-12)).item()
 
 
 def make_inputs(batch, dim, spatial, directions, n, shared, position_major, seed=0):

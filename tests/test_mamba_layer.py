@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import load_manifest
+from helpers import load_manifest
 from nnunet_mamba.layers import Mamba, MambaLayer
 from nnunet_mamba.ops import selective_scan_reference
 

@@ -11,6 +11,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
+from helpers import nnunet_plans, plain_unet_arch, plans_configuration
 
 pytest.importorskip("nnunetv2")
 from batchgeneratorsv2.transforms.utils.deep_supervision_downsampling import DownsampleSegForDSTransform  # noqa: E402
@@ -34,42 +35,17 @@ backend_module = importlib.import_module("nnunet_mamba.ops.backend")
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def unet_arch(dim: int, features) -> dict:
-    """nnU-Net's plans arch_kwargs for a PlainConvUNet with len(features) stages of stride 2."""
-    n = len(features)
-    return {"n_stages": n, "features_per_stage": list(features), "conv_op": f"torch.nn.modules.conv.Conv{dim}d",
-            "kernel_sizes": [[3] * dim] * n, "strides": [[1] * dim] + [[2] * dim] * (n - 1),
-            "n_conv_per_stage": [2] * n, "n_conv_per_stage_decoder": [2] * (n - 1), "conv_bias": True,
-            "norm_op": f"torch.nn.modules.instancenorm.InstanceNorm{dim}d",
-            "norm_op_kwargs": {"eps": 1e-5, "affine": True}, "dropout_op": None, "dropout_op_kwargs": None,
-            "nonlin": "torch.nn.LeakyReLU", "nonlin_kwargs": {"inplace": True}}
-
-
 def configuration(name: str, patch, features, median, batch_size: int = 2) -> dict:
     """An nnU-Net 2.8 plans configuration, as nnUNetv2_plan_and_preprocess writes it."""
-    dim = len(patch)
-    return {"data_identifier": f"nnUNetPlans_{name}", "preprocessor_name": "DefaultPreprocessor",
-            "batch_size": batch_size, "patch_size": list(patch), "median_image_size_in_voxels": list(median),
-            "spacing": [1.0] * dim, "normalization_schemes": ["ZScoreNormalization"], "use_mask_for_norm": [False],
-            "resampling_fn_data": "resample_data_or_seg_to_shape", "resampling_fn_seg": "resample_data_or_seg_to_shape",
-            "resampling_fn_data_kwargs": {}, "resampling_fn_seg_kwargs": {},
-            "resampling_fn_probabilities": "resample_data_or_seg_to_shape",
-            "resampling_fn_probabilities_kwargs": {}, "batch_dice": True,
-            "architecture": {"network_class_name": "dynamic_network_architectures.architectures.unet.PlainConvUNet",
-                             "arch_kwargs": unet_arch(dim, features),
-                             "_kw_requires_import": ["conv_op", "norm_op", "dropout_op", "nonlin"]}}
+    return plans_configuration(patch, plain_unet_arch(len(patch), features), batch_size=batch_size, median=median,
+                               data_identifier=f"nnUNetPlans_{name}")
 
 
 def write_preprocessed(folder, configurations: dict, num_training: int = 6) -> str:
     """A dataset's nnU-Net preprocessed folder: dataset.json and nnUNetPlans.json (no images needed to plan)."""
     folder.mkdir(parents=True, exist_ok=True)
     volume = configurations.get("3d_fullres", next(iter(configurations.values())))["median_image_size_in_voxels"]
-    plans = {"dataset_name": "Dataset001_X", "plans_name": "nnUNetPlans",
-             "original_median_spacing_after_transp": [1.0, 1.0, 1.0],
-             "original_median_shape_after_transp": ([1] + volume)[-3:], "image_reader_writer": "SimpleITKIO",
-             "transpose_forward": [0, 1, 2], "transpose_backward": [0, 1, 2], "configurations": configurations,
-             "experiment_planner_used": "ExperimentPlanner", "label_manager": "LabelManager",
-             "foreground_intensity_properties_per_channel": {}}
+    plans = nnunet_plans(configurations, ([1] + volume)[-3:])
     dataset = {"channel_names": {"0": "CT"}, "labels": {"background": 0, "a": 1, "b": 2},
                "numTraining": num_training, "file_ending": ".nii.gz"}
     (folder / "nnUNetPlans.json").write_text(json.dumps(plans))
@@ -114,7 +90,7 @@ def output_shapes(network: torch.nn.Module, patch) -> list:
 # --- the estimate ----------------------------------------------------------------------------------------------
 
 def small_unet_kwargs(dim: int = 2, features=(16, 32, 64, 128)) -> dict:
-    return resolve_plan_imports(unet_arch(dim, features), ["conv_op", "norm_op", "dropout_op", "nonlin"])
+    return resolve_plan_imports(plain_unet_arch(dim, features), ["conv_op", "norm_op", "dropout_op", "nonlin"])
 
 
 def test_estimate_grows_with_batch_and_patch():

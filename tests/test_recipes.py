@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import nnunet_plans, plain_unet_arch, plans_configuration
 
 pytest.importorskip("nnunetv2")
 from nnunet_mamba import trainers  # noqa: E402
@@ -28,31 +29,8 @@ DATASET_JSON = {"channel_names": {"0": "MRI"}, "labels": LABELS, "numTraining": 
 def _plans(patch) -> dict:
     """nnU-Net 2.8 plans with a small PlainConvUNet layout (networks sized by the plans take it, fixed ones
     ignore it)."""
-    dim, n = len(patch), 4
-    arch = {"n_stages": n, "features_per_stage": [8, 16, 32, 64], "conv_op": f"torch.nn.modules.conv.Conv{dim}d",
-            "kernel_sizes": [[3] * dim] * n, "strides": [[1] * dim] + [[2] * dim] * (n - 1),
-            "n_conv_per_stage": [1] * n, "n_conv_per_stage_decoder": [1] * (n - 1), "conv_bias": True,
-            "norm_op": f"torch.nn.modules.instancenorm.InstanceNorm{dim}d",
-            "norm_op_kwargs": {"eps": 1e-5, "affine": True}, "dropout_op": None, "dropout_op_kwargs": None,
-            "nonlin": "torch.nn.LeakyReLU", "nonlin_kwargs": {"inplace": True}}
-    configuration = {
-        "data_identifier": "x", "preprocessor_name": "DefaultPreprocessor", "batch_size": 2,
-        "patch_size": list(patch), "median_image_size_in_voxels": list(patch), "spacing": [1.0] * dim,
-        "normalization_schemes": ["ZScoreNormalization"], "use_mask_for_norm": [False],
-        "resampling_fn_data": "resample_data_or_seg_to_shape", "resampling_fn_seg": "resample_data_or_seg_to_shape",
-        "resampling_fn_data_kwargs": {}, "resampling_fn_seg_kwargs": {},
-        "resampling_fn_probabilities": "resample_data_or_seg_to_shape", "resampling_fn_probabilities_kwargs": {},
-        "batch_dice": True,
-        "architecture": {"network_class_name": "dynamic_network_architectures.architectures.unet.PlainConvUNet",
-                         "arch_kwargs": arch, "_kw_requires_import": ["conv_op", "norm_op", "dropout_op", "nonlin"]},
-    }
-    return {"dataset_name": "Dataset001_X", "plans_name": "nnUNetPlans",
-            "original_median_spacing_after_transp": [1] * dim, "original_median_shape_after_transp": list(patch),
-            "image_reader_writer": "SimpleITKIO",
-            "transpose_forward": list(range(dim)), "transpose_backward": list(range(dim)),
-            "configurations": {"cfg": configuration}, "experiment_planner_used": "ExperimentPlanner",
-            "label_manager": "LabelManager", "foreground_intensity_properties_per_channel": {},
-            "continue_training": False}
+    return nnunet_plans({"cfg": plans_configuration(patch, plain_unet_arch(len(patch), [8, 16, 32, 64], n_conv=1))},
+                        patch)
 
 
 @pytest.fixture

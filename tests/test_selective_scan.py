@@ -2,6 +2,7 @@ import importlib
 
 import pytest
 import torch
+from helpers import scan_inputs
 
 from nnunet_mamba.ops import (BackendUnavailableError, resolve_backend, selective_scan, selective_scan_reference,
                               selective_scan_torch)
@@ -12,18 +13,7 @@ torch_scan_module = importlib.import_module("nnunet_mamba.ops.torch_scan")
 
 
 def make_inputs(batch=2, dim=6, length=37, n=4, groups=None, dtype=torch.float64, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    shape_bc = (batch, n, length) if groups is None else (batch, groups, n, length)
-    return dict(
-        u=torch.randn(batch, dim, length, generator=g, dtype=dtype),
-        delta=0.5 * torch.randn(batch, dim, length, generator=g, dtype=dtype),
-        A=-(torch.rand(dim, n, generator=g, dtype=dtype) * 2 + 0.1),
-        B=torch.randn(*shape_bc, generator=g, dtype=dtype),
-        C=torch.randn(*shape_bc, generator=g, dtype=dtype),
-        D=torch.randn(dim, generator=g, dtype=dtype),
-        z=torch.randn(batch, dim, length, generator=g, dtype=dtype),
-        delta_bias=torch.randn(dim, generator=g, dtype=dtype),
-    )
+    return scan_inputs(batch, dim, length, n, groups, dtype=dtype, seed=seed)
 
 
 OPTIONS = [

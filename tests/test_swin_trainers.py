@@ -84,17 +84,16 @@ def test_adamw_with_cosine_annealing_to_1e_6():
 def test_pretrained_loading_is_logged_as_counts_not_key_lists(tmp_path, monkeypatch):
     """The training log says how many ImageNet tensors were loaded, on one short line (it once listed all 204 keys)."""
     import nnunet_mamba.trainers.swin_umamba as swin_trainers
-    from test_ddp import DATASET_JSON, _fake_vmamba_checkpoint, _plans
+    from helpers import DATASET_JSON, fake_vmamba_checkpoint, tiny_swin_umamba_d_plans
 
     for name in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results"):
         monkeypatch.setenv(name, str(tmp_path / name))
     preprocessed = tmp_path / "nnUNet_preprocessed" / "Dataset001_X" / "x"
     preprocessed.mkdir(parents=True)
     (preprocessed / "case_000.b2nd").touch()  # initialize() only infers the dataset class from the file endings
-    checkpoint = _fake_vmamba_checkpoint()
+    checkpoint = fake_vmamba_checkpoint()
     monkeypatch.setattr(swin_trainers, "load_pretrained_state_dict", lambda name: checkpoint)
-    plans = _plans()
-    plans["configurations"]["cfg"]["batch_size"] = 2
+    plans = tiny_swin_umamba_d_plans((32, 32), batch_size=2)
     trainer = swin_trainers.nnUNetTrainerSwinUMambaD(plans, "cfg", 0, DATASET_JSON, device=torch.device("cpu"))
     trainer.initialize()
     with open(trainer.log_file) as f:

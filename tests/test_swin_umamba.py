@@ -5,7 +5,7 @@ import torch.nn.functional as F
 from batchgeneratorsv2.transforms.utils.deep_supervision_downsampling import DownsampleSegForDSTransform
 from einops import rearrange
 
-from conftest import load_manifest
+from helpers import assert_manifest_output_shapes, distinct_ss2d, load_manifest
 from nnunet_mamba.checkpoints import convert_swin_umamba_state_dict
 from nnunet_mamba.layers.vss import SS2D, FinalPatchExpand_X4, PatchExpand, PatchMerging2D
 from nnunet_mamba.networks import create_network, get_network_spec
@@ -60,18 +60,7 @@ def test_state_dict_and_parameter_count_match_reference(full_networks, name):
 
 @pytest.mark.parametrize("name", list(MANIFESTS))
 def test_forward_shapes_match_reference(full_networks, name):
-    manifest = load_manifest(name)
-    network = full_networks[name]
-    try:
-        for deep_supervision in (True, False):
-            expected = manifest[f"output_shapes_deep_supervision_{deep_supervision}"]
-            network.decoder.deep_supervision = deep_supervision
-            with torch.no_grad():
-                out = network(torch.randn(expected["input"]))
-            assert isinstance(out, list) == deep_supervision
-            assert [list(o.shape) for o in (out if deep_supervision else [out])] == expected["outputs"]
-    finally:
-        network.decoder.deep_supervision = True
+    assert_manifest_output_shapes(full_networks[name], load_manifest(name))
 
 
 @pytest.mark.parametrize("cls", [SwinUMamba, SwinUMambaD])
@@ -156,11 +145,7 @@ def per_direction_ss2d(m: SS2D, x: torch.Tensor) -> torch.Tensor:
 
 
 def test_ss2d_single_grouped_scan_equals_four_directional_scans():
-    torch.manual_seed(0)
-    m = SS2D(16).double()
-    with torch.no_grad():  # make the four directions' parameters clearly different
-        m.A_logs.add_(torch.rand_like(m.A_logs))
-        m.Ds.copy_(torch.randn_like(m.Ds))
+    m = distinct_ss2d()
     x = torch.randn(2, 5, 7, 16, dtype=torch.float64)  # not square: a transposition mistake would show
     torch.testing.assert_close(m(x), per_direction_ss2d(m, x), rtol=1e-5, atol=1e-6)
 

@@ -3,38 +3,12 @@ import copy
 import pytest
 import torch
 
-from conftest import load_manifest
+from helpers import load_manifest, manifest_plans
 
 pytest.importorskip("nnunetv2")
 from nnunetv2.utilities.plans_handling.plans_handler import PlansManager  # noqa: E402
 
 from nnunet_mamba.trainers import nnUNetTrainerUMambaBot, nnUNetTrainerUMambaEnc  # noqa: E402
-
-
-def plans_for(manifest_name: str, patch_size) -> dict:
-    """An nnU-Net 2.8 plans dict whose configuration carries the manifest's architecture."""
-    config = load_manifest(manifest_name)["config"]
-    arch_kwargs = {k: config[k] for k in ("n_stages", "features_per_stage", "conv_op", "kernel_sizes", "strides",
-                                          "n_conv_per_stage", "n_conv_per_stage_decoder", "conv_bias", "norm_op",
-                                          "norm_op_kwargs", "dropout_op", "dropout_op_kwargs", "nonlin",
-                                          "nonlin_kwargs")}
-    configuration = {
-        "data_identifier": "x", "preprocessor_name": "DefaultPreprocessor", "batch_size": 2,
-        "patch_size": list(patch_size), "median_image_size_in_voxels": list(patch_size),
-        "spacing": [1.0] * len(patch_size), "normalization_schemes": ["ZScoreNormalization"],
-        "use_mask_for_norm": [False], "resampling_fn_data": "resample_data_or_seg_to_shape",
-        "resampling_fn_seg": "resample_data_or_seg_to_shape", "resampling_fn_data_kwargs": {},
-        "resampling_fn_seg_kwargs": {}, "resampling_fn_probabilities": "resample_data_or_seg_to_shape",
-        "resampling_fn_probabilities_kwargs": {}, "batch_dice": True,
-        "architecture": {"network_class_name": "dynamic_network_architectures.architectures.unet.PlainConvUNet",
-                         "arch_kwargs": arch_kwargs,
-                         "_kw_requires_import": ["conv_op", "norm_op", "dropout_op", "nonlin"]},
-    }
-    return {"dataset_name": "Dataset001_X", "plans_name": "nnUNetPlans", "original_median_spacing_after_transp": [1, 1],
-            "original_median_shape_after_transp": list(patch_size), "image_reader_writer": "SimpleITKIO",
-            "transpose_forward": [0, 1, 2][:len(patch_size)], "transpose_backward": [0, 1, 2][:len(patch_size)],
-            "configurations": {"cfg": configuration}, "experiment_planner_used": "ExperimentPlanner",
-            "label_manager": "LabelManager", "foreground_intensity_properties_per_channel": {}}
 
 
 @pytest.mark.parametrize("trainer,manifest_name,patch", [
@@ -43,7 +17,7 @@ def plans_for(manifest_name: str, patch_size) -> dict:
     (nnUNetTrainerUMambaEnc, "umamba_enc_3d_plan128", (128, 128, 128)),
 ])
 def test_build_network_architecture_uses_the_plans(trainer, manifest_name, patch):
-    plans = PlansManager(plans_for(manifest_name, patch))
+    plans = PlansManager(manifest_plans(manifest_name, patch))
     before = copy.deepcopy(plans.plans)
     network = trainer.build_network_architecture(plans, plans.get_configuration("cfg"), 1, 14, True)
     assert sum(p.numel() for p in network.parameters()) == load_manifest(manifest_name)["num_params"]
@@ -52,7 +26,7 @@ def test_build_network_architecture_uses_the_plans(trainer, manifest_name, patch
 
 
 def test_hand_edited_plans_are_honoured():
-    plans_dict = plans_for("umamba_bot_2d_plan320", (320, 320))
+    plans_dict = manifest_plans("umamba_bot_2d_plan320", (320, 320))
     arch = plans_dict["configurations"]["cfg"]["architecture"]["arch_kwargs"]
     arch.update(n_stages=5, features_per_stage=[16, 32, 64, 128, 256], kernel_sizes=[[3, 3]] * 5,
                 strides=[[1, 1]] + [[2, 2]] * 4, n_conv_per_stage=[1] * 5, n_conv_per_stage_decoder=[1] * 4)
@@ -63,7 +37,7 @@ def test_hand_edited_plans_are_honoured():
 
 
 def test_bad_plans_edit_names_the_field():
-    plans_dict = plans_for("umamba_bot_2d_plan320", (320, 320))
+    plans_dict = manifest_plans("umamba_bot_2d_plan320", (320, 320))
     plans_dict["configurations"]["cfg"]["architecture"]["arch_kwargs"]["features_per_stage"] = [32, 64]
     plans = PlansManager(plans_dict)
     with pytest.raises(ValueError, match="features_per_stage must have 7 entries"):
@@ -71,7 +45,7 @@ def test_bad_plans_edit_names_the_field():
 
 
 def test_resenc_plans_block_counts_are_accepted():
-    plans_dict = plans_for("umamba_bot_2d_plan320", (320, 320))
+    plans_dict = manifest_plans("umamba_bot_2d_plan320", (320, 320))
     arch = plans_dict["configurations"]["cfg"]["architecture"]["arch_kwargs"]
     arch["n_blocks_per_stage"] = arch.pop("n_conv_per_stage")
     plans = PlansManager(plans_dict)

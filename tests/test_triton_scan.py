@@ -13,6 +13,7 @@ import sys
 
 import pytest
 import torch
+from helpers import relative_error, scan_inputs
 
 from nnunet_mamba.ops import (BackendUnavailableError, resolve_backend, selective_scan, selective_scan_reference,
                               selective_scan_torch, selective_scan_triton)
@@ -45,18 +46,8 @@ def interpreted():
 
 
 def make_inputs(batch=2, dim=5, length=19, n=3, groups=None, dtype=torch.float32, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    shape_bc = (batch, n, length) if groups is None else (batch, groups, n, length)
-    return dict(
-        u=torch.randn(batch, dim, length, generator=g).to(dtype),
-        delta=(0.5 * torch.randn(batch, dim, length, generator=g)).to(dtype),
-        A=-(torch.rand(dim, n, generator=g) * 2 + 0.1),
-        B=torch.randn(*shape_bc, generator=g).to(dtype),
-        C=torch.randn(*shape_bc, generator=g).to(dtype),
-        D=torch.randn(dim, generator=g),
-        z=torch.randn(batch, dim, length, generator=g).to(dtype),
-        delta_bias=torch.randn(dim, generator=g),
-    )
+    # drawn in float32 whatever dtype the sequences take: the kernels take A, D and delta_bias in float32
+    return scan_inputs(batch, dim, length, n, groups, dtype=dtype, seed=seed, draw_dtype=torch.float32)
 
 
 def run(fn, inputs, use_D=True, use_z=True, use_bias=True, softplus=True, dtype=None, **extra):
@@ -71,11 +62,6 @@ def run(fn, inputs, use_D=True, use_z=True, use_bias=True, softplus=True, dtype=
             + (last * torch.randn(last.shape, generator=g)).sum())
     loss.backward()
     return out.detach(), last.detach(), {k: v.grad for k, v in leaves.items()}
-
-
-def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
-    a, b = a.double(), b.double()
-    return ((a - b).abs().max() / b.abs().max().clamp_min(1e-12)).item()
 
 
 def assert_matches(result, expected, tolerance):

@@ -4,7 +4,7 @@ import pytest
 import torch
 from torch import nn
 
-from conftest import load_manifest, manifest_kwargs
+from helpers import assert_manifest_output_shapes, load_manifest, manifest_kwargs
 import nnunet_mamba
 from nnunet_mamba.checkpoints import CheckpointError, convert_umamba_state_dict
 
@@ -47,13 +47,7 @@ def test_reference_state_dict_loads_through_conversion(manifest_name):
 def test_forward_shapes_match_reference(manifest_name):
     manifest = load_manifest(manifest_name)
     network = nnunet_mamba.create_network(MANIFESTS[manifest_name], **manifest_kwargs(manifest)).eval()
-    for deep_supervision in (True, False):
-        expected = manifest[f"output_shapes_deep_supervision_{deep_supervision}"]
-        network.decoder.deep_supervision = deep_supervision
-        with torch.no_grad():
-            out = network(torch.randn(expected["input"]))
-        out = out if deep_supervision else [out]
-        assert [list(o.shape) for o in out] == expected["outputs"]
+    assert_manifest_output_shapes(network, manifest)
 
 
 def small_plan(dim, **extra):
