@@ -163,6 +163,7 @@ def test_triton_backend_selection(interpreted, monkeypatch):
     monkeypatch.setattr(backend_module, "_mamba_ssm_kernels", lambda: (None, "ModuleNotFoundError: mamba_ssm"))
     assert resolve_backend(torch.device("cuda")) == "triton"
     monkeypatch.setattr(backend_module, "_mamba_ssm_kernels", lambda: (object(), None))
+    monkeypatch.setattr(backend_module, "_cuda_probe_failure", lambda kernels, device: None)  # its kernel runs
     assert resolve_backend(torch.device("cuda")) == "cuda"  # both can run: mamba-ssm first
     monkeypatch.setattr(backend_module, "AUTO_CUDA_PREFERENCE", ("triton", "cuda", "torch"))
     assert resolve_backend(torch.device("cuda")) == "triton"

@@ -99,7 +99,7 @@ def run(args: argparse.Namespace) -> int:
     except ValueError as exc:  # a bad backend setting: say so here, the export above still applies
         print(f"# selective scan: ERROR: {exc} (training would stop with this error)")
         return 0
-    ok, why = cuda_backend_status()
+    ok, why = cuda_backend_status()  # runs mamba-ssm's kernel once on the current GPU; says so where there is none
     triton_ok, triton_why = triton_backend_status()
     print(f"# selective scan: {BACKEND_ENV}={backend}; cuda backend "
           f"{'available' if ok else 'unavailable'} ({why}); triton backend "

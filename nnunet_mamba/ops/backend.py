@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import math
 import os
 from typing import Any
 from collections.abc import Callable
@@ -85,13 +86,84 @@ def triton_interpreted() -> bool:
     return kernels is not None and kernels.INTERPRETED
 
 
-def cuda_backend_status() -> tuple[bool, str]:
-    """Whether mamba-ssm's CUDA kernel can be used, and a human-readable reason."""
-    fn, err = _mamba_ssm_kernels()
-    if fn is None:
+def _on_cuda(device: torch.device) -> bool:
+    """Whether tensors on ``device`` are CUDA tensors (the one device check of the compiled backends; tests patch
+    it to take the CUDA path on the CPU)."""
+    return device.type == "cuda"
+
+
+def _probe_kernel(kernels: Any, device: torch.device) -> None:
+    """Run mamba-ssm's ``fwd`` on a (1, 1, 4) float32 problem with N = 1 on ``device``, in the argument order of
+    :func:`nnunet_mamba.ops.compiled_scans._cuda_scan_fwd` (B and C grouped, no D, z or delta_bias); raises if it
+    fails or returns the wrong result. A build without the Mamba-1 scan imports but raises here."""
+    ones = torch.ones(1, 1, 4, device=device)
+    A = -torch.ones(1, 1, device=device)
+    out, *_ = kernels.fwd(ones, ones, A, ones.unsqueeze(1), ones.unsqueeze(1), None, None, None, False)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)  # a kernel launch error surfaces here, not at some later call
+    # x_t = exp(-1) x_{t-1} + 1 and out_t = x_t
+    expected, state = [], 0.0
+    for _ in range(4):
+        state = state * math.exp(-1.0) + 1.0
+        expected.append(state)
+    expected = torch.tensor(expected).view(1, 1, 4)
+    if tuple(out.shape) != (1, 1, 4) or not torch.allclose(out.detach().float().cpu(), expected, rtol=1e-3):
+        raise RuntimeError(f"wrong result on a test problem: {out.detach().flatten().tolist()} instead of "
+                           f"{expected.flatten().tolist()}")
+
+
+_cuda_probes: dict = {}  # (device type, index) -> None if mamba-ssm's kernel ran there, else why not
+_probe_warned: set = set()  # the fallback warning of resolve_backend: once per process
+
+
+def _cuda_probe_failure(kernels: Any, device: torch.device) -> str | None:
+    """None if mamba-ssm's kernel ran the test problem of :func:`_probe_kernel` on ``device``, else why not.
+
+    Probed once per device, then cached. While torch.compile traces, nothing runs: the cached outcome is used, and
+    without one the import is trusted (eager calls, e.g. the trainer's initialize, probe before compiling).
+    """
+    key = (device.type, device.index)
+    if key in _cuda_probes:
+        return _cuda_probes[key]
+    if torch.compiler.is_compiling():
+        return None
+    # torch.device("cuda") is the current device: probed, and cached, as that device too
+    full = torch.device("cuda", torch.cuda.current_device()) if device.index is None and device.type == "cuda" \
+        and torch.cuda.is_available() else device
+    full_key = (full.type, full.index)
+    if full_key not in _cuda_probes:
+        try:
+            _probe_kernel(kernels, full)
+            _cuda_probes[full_key] = None
+        except Exception as exc:  # a kernel not built, a launch failure, a wrong result
+            _cuda_probes[full_key] = f"{type(exc).__name__}: {exc}"
+    _cuda_probes[key] = _cuda_probes[full_key]
+    return _cuda_probes[key]
+
+
+def _clear_cuda_probes() -> None:
+    _cuda_probes.clear()
+    _probe_warned.clear()
+
+
+_cuda_probe_failure.cache_clear = _clear_cuda_probes  # the probes and the once-per-process warning
+
+
+def cuda_backend_status(device: torch.device | None = None) -> tuple[bool, str]:
+    """Whether mamba-ssm's CUDA kernel runs on ``device`` (default: the current CUDA device), and a
+    human-readable reason. Available only once a tiny test call of the kernel ran there (probed once per device)."""
+    kernels, err = _mamba_ssm_kernels()
+    if kernels is None:
         return False, f"mamba-ssm not importable ({err})"
-    if not torch.cuda.is_available():
-        return False, "mamba-ssm installed but no CUDA device is visible"
+    if device is None:
+        if not torch.cuda.is_available():
+            return False, "mamba-ssm imports, but no CUDA device is visible, so its kernel could not be probed"
+        device = torch.device("cuda")
+    if not _on_cuda(device):
+        return False, f"mamba-ssm's kernel only runs on CUDA tensors, not on {device}"
+    failure = _cuda_probe_failure(kernels, device)
+    if failure is not None:
+        return False, f"mamba-ssm imports, but its selective-scan kernel failed on {device} ({failure})"
     return True, "mamba-ssm selective_scan_cuda kernels"
 
 
@@ -138,9 +210,16 @@ def _unavailable(backend: str, device: torch.device) -> str | None:
     if module is None:
         return (f"selective-scan backend '{backend}' was requested ({BACKEND_ENV}={backend}) but {package} cannot be "
                 f"imported: {err}. {install} or set {BACKEND_ENV}=torch (or auto).")
-    if device.type != "cuda" and not getattr(module, "INTERPRETED", False):
+    if not _on_cuda(device) and not getattr(module, "INTERPRETED", False):
         return (f"selective-scan backend '{backend}' was requested but the tensors are on {device}; {where}. Set "
                 f"{BACKEND_ENV}=auto or torch.")
+    if backend == "cuda":
+        failure = _cuda_probe_failure(module, device)
+        if failure is not None:
+            return (f"selective-scan backend 'cuda' was requested ({BACKEND_ENV}=cuda): mamba-ssm imports, but its "
+                    f"selective-scan kernel failed on a test call on {device}: {failure}. Install a mamba-ssm build "
+                    f"that includes the Mamba-1 selective scan (selective_scan_cuda) for this torch and CUDA, or set "
+                    f"{BACKEND_ENV}=triton (or auto).")
     return None
 
 
@@ -157,9 +236,27 @@ def resolve_backend(device: torch.device, backend: str | None = None) -> str:
     if choice != "auto":
         check_available(choice, device)
         return choice
-    if device.type == "cuda":
-        return next(name for name in AUTO_CUDA_PREFERENCE if _unavailable(name, device) is None)
+    if _on_cuda(device):
+        name = next(name for name in AUTO_CUDA_PREFERENCE if _unavailable(name, device) is None)
+        if "cuda" in AUTO_CUDA_PREFERENCE[:AUTO_CUDA_PREFERENCE.index(name)]:
+            _warn_probe_failure(device, name)
+        return name
     return "torch"
+
+
+def _warn_probe_failure(device: torch.device, used: str) -> None:
+    """One warning per process when ``auto`` passed over mamba-ssm because it imports but its kernel failed (not
+    when it is merely not installed); not while torch.compile traces, which logging would break."""
+    if _probe_warned or torch.compiler.is_compiling():
+        return
+    failure = _cuda_probes.get((device.type, device.index))
+    if failure is None:  # not installed, or not probed: nothing to warn about
+        return
+    _probe_warned.add(True)
+    _ensure_handler()
+    logger.warning("mamba-ssm imports, but its selective-scan kernel failed on %s (%s); using the '%s' backend "
+                   "instead (install a mamba-ssm build with the Mamba-1 scan, or set %s=%s to silence this)",
+                   device, failure, used, BACKEND_ENV, used)
 
 
 def cross_scan_backend(u: Tensor, backend: str | None = None) -> str:
@@ -175,6 +272,15 @@ def cross_scan_backend(u: Tensor, backend: str | None = None) -> str:
     return resolve_backend(u.device, choice)
 
 
+def _ensure_handler() -> None:
+    """Our log lines reach stderr (as ``nnunet_mamba: ...``) when the application configured no logging."""
+    if not logger.handlers and not logging.getLogger().handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(name)s: %(message)s"))
+        logger.addHandler(handler)
+        logger.setLevel(logging.INFO)
+
+
 _BACKEND_STATUS = {"cuda": cuda_backend_status, "triton": triton_backend_status,
                    "torch": lambda: (True, "pure PyTorch, chunked log-depth scan")}
 _announced: set = set()
@@ -187,13 +293,10 @@ def announce(what: str, backend: str, device: torch.device, auto: bool) -> None:
     if key in _announced:
         return
     _announced.add(key)
-    detail = _BACKEND_STATUS[backend]()[1]
+    status = lambda name: cuda_backend_status(device) if name == "cuda" else _BACKEND_STATUS[name]()  # noqa: E731
+    detail = status(backend)[1]
     if auto and device.type == "cuda":
         passed_over = AUTO_CUDA_PREFERENCE[:AUTO_CUDA_PREFERENCE.index(backend)]
-        detail += "".join(f"; {name} unused: {_BACKEND_STATUS[name]()[1]}" for name in passed_over)
-    if not logger.handlers and not logging.getLogger().handlers:
-        handler = logging.StreamHandler()
-        handler.setFormatter(logging.Formatter("%(name)s: %(message)s"))
-        logger.addHandler(handler)
-        logger.setLevel(logging.INFO)
+        detail += "".join(f"; {name} unused: {status(name)[1]}" for name in passed_over)
+    _ensure_handler()
     logger.info("%s backend '%s' on %s (%s)", what, backend, device.type, detail)
