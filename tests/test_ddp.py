@@ -50,6 +50,9 @@ def _worker(rank: int, work: str) -> None:
                             world_size=WORLD_SIZE, timeout=timedelta(seconds=120))
     try:
         _train(rank, work)
+        # both ranks done with every collective before the group goes: tearing it down while the other rank's
+        # last all_gather was in flight once aborted a rank ("terminate called without an active exception")
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 
