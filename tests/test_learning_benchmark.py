@@ -81,7 +81,7 @@ def test_variants_take_the_schedule_and_seed_from_the_environment(monkeypatch):
 def _args(**overrides) -> argparse.Namespace:
     values = {"dims": None, "trainers": None, "seeds": None, "epochs": None, "iterations": None,
               "val_iterations": None, "cases": None, "size": None, "jobs": None, "device": "cpu", "work": None,
-              "out": None, "json": None, "tiny": False}
+              "out": None, "json": None, "tiny": False, "merge": None}
     return argparse.Namespace(**{**values, **overrides})
 
 
@@ -140,6 +140,55 @@ def test_aggregation_mean_spread_and_baselines_first(tmp_path):
     assert all(os.path.getsize(p) > 0 for p in written)
     with open(tmp_path / "lb.csv") as f:
         assert [r["trainer"] for r in csv.DictReader(f)] == [r["trainer"] for r in rows]
+
+
+def _json_file(path, runs, header="device: NVIDIA H200 | schedule: 20 epochs x 50 iterations (= 1000), 10 "
+               "pseudo-Dice iterations per epoch | seeds 0"):
+    path.write_text(json.dumps({"header": header, "rows": [], "runs": runs, "failed": []}))
+    return str(path)
+
+
+def test_merge_makes_one_table_from_several_invocations(tmp_path):
+    """Seeds trained by separate invocations (other machines, other days) in one table: the spread is over all of
+    them, the schedule comes from the files' headers where the runs of older versions lack it."""
+    first = _json_file(tmp_path / "a.json", [_record(2, "nnUNetTrainer", "nnUNetPlans", 0, 0.84),
+                                            _record(2, "nnUNetTrainerUMambaBot", "nnUNetPlans", 0, 0.80)])
+    second = _json_file(tmp_path / "b.json", [{**_record(2, "nnUNetTrainerUMambaBot", "nnUNetPlans", 1, 0.86),
+                                              "schedule": "e20_i50_v10", "device": "NVIDIA H200"}])
+    prefix, merged = tmp_path / "out" / "lb", tmp_path / "merged.json"
+    assert learning.run(_args(merge=[first, second], out=str(prefix), json=str(merged))) == 0
+    data = json.loads(merged.read_text())
+    bot = next(r for r in data["rows"] if r["trainer"] == "nnUNetTrainerUMambaBot")
+    assert bot["seeds"] == 2 and bot["fg_dice"] == pytest.approx(0.83) and bot["delta_points"] == pytest.approx(-1.0)
+    assert {r["schedule"] for r in data["runs"]} == {"e20_i50_v10"}
+    assert "20 epochs x 50 iterations (= 1000)" in data["header"] and "merged from 2 files" in data["header"]
+    assert os.path.getsize(f"{prefix}.md") > 0 and not (tmp_path / "nnunet_mamba_learnbench").exists()
+
+
+@pytest.mark.parametrize("second_runs, message", [
+    ([{**_record(2, "nnUNetTrainerUMambaBot", "nnUNetPlans", 0, 0.9), "schedule": "e30_i100_v10"}],
+     "different schedules"),
+    ([_record(2, "nnUNetTrainer", "nnUNetPlans", 0, 0.9)], "is in both"),
+])
+def test_merge_refuses_mixed_schedules_and_repeated_runs(tmp_path, second_runs, message):
+    first = _json_file(tmp_path / "a.json", [_record(2, "nnUNetTrainer", "nnUNetPlans", 0, 0.84)])
+    second = _json_file(tmp_path / "b.json", second_runs)
+    with pytest.raises(SystemExit, match=message):
+        learning.run(_args(merge=[first, second], out=str(tmp_path / "lb")))
+    (tmp_path / "bad.json").write_text("{}")
+    with pytest.raises(SystemExit, match="not a learning-benchmark --json file"):
+        learning.run(_args(merge=[str(tmp_path / "bad.json")], out=str(tmp_path / "lb")))
+
+
+def test_a_second_benchmark_on_the_same_work_folder_is_refused(tmp_path):
+    """A second invocation on a busy --work would re-preprocess data the first one's runs read (seen: nnU-Net's
+    ResEnc M planner rewrote nnUNetPlans_2d under seven running trainings, which failed)."""
+    with learning._work_lock(str(tmp_path)):
+        with pytest.raises(SystemExit, match=rf"in use by another learning-benchmark \(pid {os.getpid()}\)"):
+            with learning._work_lock(str(tmp_path)):
+                pass
+    with learning._work_lock(str(tmp_path)):  # released: free again
+        pass
 
 
 def test_read_run_takes_nnunets_files(tmp_path):

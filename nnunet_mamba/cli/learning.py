@@ -8,6 +8,8 @@ its own ``nnUNet_results`` folder (named by the schedule too), so a rerun skips 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import fcntl
 import json
 import os
 import re
@@ -91,6 +93,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                         "trains the rest")
     p.add_argument("--tiny", action="store_true",
                    help="CPU scale: one trainer, 2D, small images, 2 short epochs (minutes)")
+    p.add_argument("--merge", nargs="+", metavar="JSON",
+                   help="train nothing: one table (--out, --json) from the runs in these --json files of earlier "
+                        "invocations (one schedule; e.g. seeds trained on different machines)")
     p.set_defaults(func=run)
 
 
@@ -215,7 +220,7 @@ def prepare(s: argparse.Namespace, dim: int, env: dict[str, str]) -> None:
 
 
 def _runs(s: argparse.Namespace) -> list[Run]:
-    schedule = f"e{s.epochs}_i{s.iterations}_v{s.val_iterations}"
+    schedule = results.schedule_name(s.epochs, s.iterations, s.val_iterations)
     return [Run(dim, trainer, plans, seed, os.path.join(s.work, "results", f"{schedule}_seed{seed}"),
                 os.path.join(s.work, "logs", f"{dim}d_{trainer}_{plans}_{schedule}_seed{seed}.log"))
             # seed-major: a run stopped by --time-limit leaves every trainer with its first seeds
@@ -284,39 +289,88 @@ def train(s: argparse.Namespace, runs: list[Run], env: dict[str, str]) -> list[R
     return failed
 
 
+def _report(header: str, records: list[dict], out: str, json_path: str | None, failed: list[dict]) -> None:
+    rows = results.aggregate(records)
+    print(header)
+    if rows:
+        print("\n".join(results.table_lines(rows)))
+        print("Dice: mean ±half the spread (max - min) over seeds; vs default: fg Dice - nnUNetTrainer's (points)")
+        print("wrote " + ", ".join(results.write_outputs(out, rows, records, header)))
+    if json_path:
+        with open(json_path, "w") as f:
+            json.dump({"header": header, "rows": rows, "runs": records, "failed": failed}, f, indent=2)
+
+
+def merge(args: argparse.Namespace) -> int:
+    """``--merge``: the runs of several ``--json`` files in one table; refuses mixed schedules and repeated runs."""
+    records, sources = results.merge_runs(args.merge)
+    records.sort(key=lambda r: (r["dim"], r["label"], r["seed"]))  # a recipe's twin next to its trainer
+    if not records:
+        raise SystemExit("learning-benchmark --merge: the files hold no finished run")
+    schedule = records[0]["schedule"]
+    devices = sorted({r["device"] for r in records})
+    header = (f"device: {', '.join(devices)} | schedule: "
+              f"{results.describe_schedule(schedule) if schedule else 'unknown'} | "
+              f"{len(records)} runs merged from {len(sources)} files")
+    _report(header, records, args.out or "learning_benchmark", args.json, [])
+    return 0
+
+
 def _device_name(device: str) -> str:
     return torch.cuda.get_device_name(0) if device == "cuda" else "CPU"
 
 
+@contextlib.contextmanager
+def _work_lock(work: str):
+    """One benchmark per work folder at a time: a second one would re-preprocess data (nnU-Net's ResEnc planners
+    write into the default plans' folder) that the first one's runs are reading."""
+    path = os.path.join(work, ".learnbench.lock")
+    with open(path, "a+") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            f.seek(0)
+            holder = f.read().strip() or "?"
+            raise SystemExit(f"learning-benchmark: {work} is in use by another learning-benchmark (pid {holder}); "
+                             "train more runs at once with --jobs, or use another --work") from None
+        f.seek(0)
+        f.truncate()
+        f.write(str(os.getpid()))
+        f.flush()
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
 def run(args: argparse.Namespace) -> int:
+    if getattr(args, "merge", None):
+        return merge(args)
     s = _settings(args)
     os.makedirs(s.work, exist_ok=True)
+    with _work_lock(s.work):
+        return _run(s)
+
+
+def _run(s: argparse.Namespace) -> int:
     env = _environment(s)
     for dim in s.dims:
         prepare(s, dim, env)
     runs = _runs(s)
     failed = train(s, runs, env)
     records = []
+    schedule, device = results.schedule_name(s.epochs, s.iterations, s.val_iterations), _device_name(s.device)
     for r in runs:
         if r in failed or not r.finished():
             continue
         records.append({"dim": r.dim, "trainer": r.trainer, "plans": r.plans, "label": r.label, "seed": r.seed,
-                        "log": r.log, **results.read_run(r.fold_dir)})
+                        "schedule": schedule, "device": device, "log": r.log, **results.read_run(r.fold_dir)})
     sizes = ", ".join(f"{d}D {s.size[d]} px x {s.cases[d]} cases" for d in s.dims)
-    header = (f"device: {_device_name(s.device)} | schedule: {s.epochs} epochs x {s.iterations} iterations "
+    header = (f"device: {device} | schedule: {s.epochs} epochs x {s.iterations} iterations "
               f"(= {s.epochs * s.iterations}), {s.val_iterations} pseudo-Dice iterations per epoch | seeds "
               f"{' '.join(map(str, s.seeds))} | {sizes} | {s.jobs} runs at once (s/epoch: median epoch time)")
-    rows = results.aggregate(records)
-    print(header)
-    if rows:
-        print("\n".join(results.table_lines(rows)))
-        print("Dice: mean ±half the spread (max - min) over seeds; vs default: fg Dice - nnUNetTrainer's (points)")
-        print("wrote " + ", ".join(results.write_outputs(s.out, rows, records, header)))
-    if s.json:
-        with open(s.json, "w") as f:
-            json.dump({"header": header, "rows": rows, "runs": records,
-                       "failed": [{"dim": r.dim, "trainer": r.label, "seed": r.seed, "log": r.log} for r in failed]},
-                      f, indent=2)
+    _report(header, records, s.out, s.json,
+            [{"dim": r.dim, "trainer": r.label, "seed": r.seed, "log": r.log} for r in failed])
     if failed:
         print(f"learning-benchmark: {len(failed)} run(s) failed; logs: " + ", ".join(r.log for r in failed),
               file=sys.stderr)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import statistics
 import textwrap
 from collections.abc import Sequence
@@ -24,6 +25,51 @@ def run_label(trainer: str, plans: str) -> str:
     if plans == DEFAULT_PLANS:
         return trainer
     return f"{trainer} ({'ResEnc M' if plans == RESENC_M_PLANS else plans})"
+
+
+def schedule_name(epochs: int, iterations: int, val_iterations: int) -> str:
+    """The schedule as the work folder names it: ``e20_i50_v10``."""
+    return f"e{epochs}_i{iterations}_v{val_iterations}"
+
+
+def describe_schedule(name: str) -> str:
+    epochs, iterations, val = (int(part[1:]) for part in name.split("_"))
+    return (f"{epochs} epochs x {iterations} iterations (= {epochs * iterations}), {val} pseudo-Dice iterations "
+            "per epoch")
+
+
+_HEADER_SCHEDULE = re.compile(r"schedule: (\d+) epochs x (\d+) iterations \(= \d+\), (\d+) pseudo-Dice")
+_HEADER_DEVICE = re.compile(r"device: ([^|]+?) \|")
+
+
+def merge_runs(paths: Sequence[str]) -> tuple[list[dict], list[str]]:
+    """The runs of several ``--json`` files, each with its ``schedule`` and ``device`` (from the file's header
+    where a run lacks them: files of earlier versions). Raises SystemExit on mixed schedules or a run (dimension,
+    trainer, seed) found twice."""
+    records, seen = [], {}
+    for path in paths:
+        try:
+            with open(path) as f:
+                data = json.load(f)
+            header, runs = data["header"], data["runs"]
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise SystemExit(f"learning-benchmark --merge: {path} is not a learning-benchmark --json file ({e})")
+        schedule, device = _HEADER_SCHEDULE.search(header), _HEADER_DEVICE.search(header)
+        for run in runs:
+            run = dict(run)
+            run.setdefault("schedule", schedule and schedule_name(*map(int, schedule.groups())))
+            run.setdefault("device", device.group(1) if device else "?")
+            key = (run["dim"], run["label"], run["seed"])
+            if key in seen:
+                raise SystemExit(f"learning-benchmark --merge: {run['dim']}D {run['label']} seed {run['seed']} is "
+                                 f"in both {seen[key]} and {path}")
+            seen[key] = path
+            records.append(run)
+    schedules = sorted({str(r["schedule"]) for r in records})
+    if len(schedules) > 1:
+        raise SystemExit("learning-benchmark --merge: the files hold runs of different schedules "
+                         f"({', '.join(schedules)}): one table compares one schedule")
+    return records, list(paths)
 
 
 def is_baseline(trainer: str) -> bool:
