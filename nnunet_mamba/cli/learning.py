@@ -366,8 +366,7 @@ def _run(s: argparse.Namespace) -> int:
         records.append({"dim": r.dim, "trainer": r.trainer, "plans": r.plans, "label": r.label, "seed": r.seed,
                         "schedule": schedule, "device": device, "log": r.log, **results.read_run(r.fold_dir)})
     sizes = ", ".join(f"{d}D {s.size[d]} px x {s.cases[d]} cases" for d in s.dims)
-    header = (f"device: {device} | schedule: {s.epochs} epochs x {s.iterations} iterations "
-              f"(= {s.epochs * s.iterations}), {s.val_iterations} pseudo-Dice iterations per epoch | seeds "
+    header = (f"device: {device} | schedule: {results.describe_schedule(schedule)} | seeds "
               f"{' '.join(map(str, s.seeds))} | {sizes} | {s.jobs} runs at once (s/epoch: median epoch time)")
     _report(header, records, s.out, s.json,
             [{"dim": r.dim, "trainer": r.label, "seed": r.seed, "log": r.log} for r in failed])
