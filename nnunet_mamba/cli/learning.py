@@ -303,15 +303,15 @@ def _report(header: str, records: list[dict], out: str, json_path: str | None, f
 
 def merge(args: argparse.Namespace) -> int:
     """``--merge``: the runs of several ``--json`` files in one table; refuses mixed schedules and repeated runs."""
-    records, sources = results.merge_runs(args.merge)
-    records.sort(key=lambda r: (r["dim"], r["label"], r["seed"]))  # a recipe's twin next to its trainer
+    records = results.merge_runs(args.merge)
     if not records:
         raise SystemExit("learning-benchmark --merge: the files hold no finished run")
+    records.sort(key=lambda r: (r["dim"], r["label"], r["seed"]))  # a recipe's twin next to its trainer
     schedule = records[0]["schedule"]
     devices = sorted({r["device"] for r in records})
     header = (f"device: {', '.join(devices)} | schedule: "
               f"{results.describe_schedule(schedule) if schedule else 'unknown'} | "
-              f"{len(records)} runs merged from {len(sources)} files")
+              f"{len(records)} runs merged from {len(args.merge)} files")
     _report(header, records, args.out or "learning_benchmark", args.json, [])
     return 0
 

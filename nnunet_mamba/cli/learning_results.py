@@ -42,7 +42,7 @@ _HEADER_SCHEDULE = re.compile(r"schedule: (\d+) epochs x (\d+) iterations \(= \d
 _HEADER_DEVICE = re.compile(r"device: ([^|]+?) \|")
 
 
-def merge_runs(paths: Sequence[str]) -> tuple[list[dict], list[str]]:
+def merge_runs(paths: Sequence[str]) -> list[dict]:
     """The runs of several ``--json`` files, each with its ``schedule`` and ``device`` (from the file's header
     where a run lacks them: files of earlier versions). Raises SystemExit on mixed schedules or a run (dimension,
     trainer, seed) found twice."""
@@ -69,7 +69,7 @@ def merge_runs(paths: Sequence[str]) -> tuple[list[dict], list[str]]:
     if len(schedules) > 1:
         raise SystemExit("learning-benchmark --merge: the files hold runs of different schedules "
                          f"({', '.join(schedules)}): one table compares one schedule")
-    return records, list(paths)
+    return records
 
 
 def is_baseline(trainer: str) -> bool:
