@@ -142,8 +142,11 @@ def test_aggregation_mean_spread_and_baselines_first(tmp_path):
         assert [r["trainer"] for r in csv.DictReader(f)] == [r["trainer"] for r in rows]
 
 
-def _json_file(path, runs, header="device: NVIDIA H200 | schedule: 20 epochs x 50 iterations (= 1000), 10 "
-               "pseudo-Dice iterations per epoch | seeds 0"):
+HEADER_1000 = ("device: NVIDIA H200 | schedule: 20 epochs x 50 iterations (= 1000), 10 pseudo-Dice iterations per "
+               "epoch | seeds 0")
+
+
+def _json_file(path, runs, header=HEADER_1000):
     path.write_text(json.dumps({"header": header, "rows": [], "runs": runs, "failed": []}))
     return str(path)
 
@@ -204,6 +207,45 @@ def test_read_run_takes_nnunets_files(tmp_path):
     run = learning_results.read_run(str(fold))
     assert run["fg_dice"] == 0.25 and run["dice_disk"] == pytest.approx(0.1) and run["dice_ring_dark_cue"] == 0.4
     assert run["sec_per_epoch"] == 3.0 and run["peak_gib"] == 1.5 and run["pseudo_dice"] == [0.1, 0.2, 0.3]
+
+
+def _training_log(lines: list[str]) -> str:
+    return "".join(f"2026-12-02 07:40:{i:02d}.0: {line}\n" for i, line in enumerate(lines))
+
+
+def test_read_progress_takes_an_unfinished_runs_curve_from_nnunets_newest_log(tmp_path):
+    fold = tmp_path / "fold_0"
+    assert learning_results.read_progress(str(fold)) is None  # not started
+    fold.mkdir()
+    assert learning_results.read_progress(str(fold)) is None  # no log yet
+    # an older log (before a resume) and the newest, in numpy 2's repr as nnU-Net 2.8 writes it
+    (fold / "training_log_2026_12_2_07_00_00.txt").write_text(_training_log(
+        ["Pseudo dice [0.1, 0.1, 0.1, 0.1]", "Epoch time: 99.0 s"]))
+    (fold / "training_log_2026_12_2_07_40_20.txt").write_text(_training_log([
+        "Epoch 0", "Pseudo dice [np.float32(0.9443), np.float32(0.942), np.float32(0.0), np.float32(0.0)]",
+        "Epoch time: 19.56 s", "Epoch 1", "Pseudo dice [np.float32(1.0), np.float32(1.0), np.float32(1e-04), "
+        "np.float32(0.4)]", "Epoch time: 11.08 s", "Epoch 2", "Epoch time: 10.5 s"]))
+    progress = learning_results.read_progress(str(fold))
+    assert progress["epochs_done"] == 3 and progress["sec_per_epoch"] == 11.08
+    assert progress["pseudo_dice"] == pytest.approx([(0.9443 + 0.942) / 4, (2.0 + 1e-4 + 0.4) / 4])
+    line = learning_results.progress_line({"dim": 2, "label": "nnUNetTrainer (ResEnc M)", "seed": 0, "epochs": 20,
+                                           **progress})
+    assert line == "2D nnUNetTrainer (ResEnc M) seed 0: 3 of 20 epochs, last pseudo Dice 0.600 (no final validation)"
+
+
+def test_unfinished_runs_are_reported_and_merged(tmp_path, capsys):
+    unfinished = [{"dim": 2, "trainer": "nnUNetTrainer", "plans": "nnUNetResEncUNetMPlans",
+                   "label": "nnUNetTrainer (ResEnc M)", "seed": 0, "schedule": "e20_i50_v10", "epochs": 20,
+                   "epochs_done": 17, "pseudo_dice": [0.5, 0.955], "sec_per_epoch": 9.9}]
+    first = tmp_path / "a.json"
+    learning._report(HEADER_1000, [_record(2, "nnUNetTrainer", "nnUNetPlans", 0, 0.9)], str(tmp_path / "a"), str(first),
+                     [], unfinished)
+    assert "2D nnUNetTrainer (ResEnc M) seed 0: 17 of 20 epochs, last pseudo Dice 0.955" in capsys.readouterr().out
+    assert json.loads(first.read_text())["unfinished"] == unfinished
+    second = _json_file(tmp_path / "b.json", [_record(2, "nnUNetTrainerUMambaBot", "nnUNetPlans", 0, 0.95)])
+    merged = tmp_path / "merged.json"
+    learning.merge(argparse.Namespace(merge=[str(first), str(second)], out=str(tmp_path / "m"), json=str(merged)))
+    assert json.loads(merged.read_text())["unfinished"] == unfinished
 
 
 @pytest.mark.e2e

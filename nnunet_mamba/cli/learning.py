@@ -289,16 +289,20 @@ def train(s: argparse.Namespace, runs: list[Run], env: dict[str, str]) -> list[R
     return failed
 
 
-def _report(header: str, records: list[dict], out: str, json_path: str | None, failed: list[dict]) -> None:
+def _report(header: str, records: list[dict], out: str, json_path: str | None, failed: list[dict],
+            unfinished: list[dict]) -> None:
     rows = results.aggregate(records)
     print(header)
     if rows:
         print("\n".join(results.table_lines(rows)))
         print("Dice: mean ±half the spread (max - min) over seeds; vs default: fg Dice - nnUNetTrainer's (points)")
         print("wrote " + ", ".join(results.write_outputs(out, rows, records, header)))
+    if unfinished:
+        print("not in the table, unfinished:\n" + "\n".join("  " + results.progress_line(u) for u in unfinished))
     if json_path:
         with open(json_path, "w") as f:
-            json.dump({"header": header, "rows": rows, "runs": records, "failed": failed}, f, indent=2)
+            json.dump({"header": header, "rows": rows, "runs": records, "failed": failed, "unfinished": unfinished},
+                      f, indent=2)
 
 
 def merge(args: argparse.Namespace) -> int:
@@ -312,7 +316,7 @@ def merge(args: argparse.Namespace) -> int:
     header = (f"device: {', '.join(devices)} | schedule: "
               f"{results.describe_schedule(schedule) if schedule else 'unknown'} | "
               f"{len(records)} runs merged from {len(args.merge)} files")
-    _report(header, records, args.out or "learning_benchmark", args.json, [])
+    _report(header, records, args.out or "learning_benchmark", args.json, [], results.merge_unfinished(args.merge))
     return 0
 
 
@@ -358,10 +362,16 @@ def _run(s: argparse.Namespace) -> int:
         prepare(s, dim, env)
     runs = _runs(s)
     failed = train(s, runs, env)
-    records = []
+    records, unfinished = [], []
     schedule, device = results.schedule_name(s.epochs, s.iterations, s.val_iterations), _device_name(s.device)
     for r in runs:
         if r in failed or not r.finished():
+            # stopped by --time-limit or failed: its curve from nnU-Net's log, so that the time it trained still counts
+            progress = results.read_progress(r.fold_dir)
+            if progress and progress["epochs_done"]:
+                unfinished.append({"dim": r.dim, "trainer": r.trainer, "plans": r.plans, "label": r.label,
+                                   "seed": r.seed, "schedule": schedule, "device": device, "log": r.log,
+                                   "epochs": s.epochs, **progress})
             continue
         records.append({"dim": r.dim, "trainer": r.trainer, "plans": r.plans, "label": r.label, "seed": r.seed,
                         "schedule": schedule, "device": device, "log": r.log, **results.read_run(r.fold_dir)})
@@ -369,7 +379,7 @@ def _run(s: argparse.Namespace) -> int:
     header = (f"device: {device} | schedule: {results.describe_schedule(schedule)} | seeds "
               f"{' '.join(map(str, s.seeds))} | {sizes} | {s.jobs} runs at once (s/epoch: median epoch time)")
     _report(header, records, s.out, s.json,
-            [{"dim": r.dim, "trainer": r.label, "seed": r.seed, "log": r.log} for r in failed])
+            [{"dim": r.dim, "trainer": r.label, "seed": r.seed, "log": r.log} for r in failed], unfinished)
     if failed:
         print(f"learning-benchmark: {len(failed)} run(s) failed; logs: " + ", ".join(r.log for r in failed),
               file=sys.stderr)

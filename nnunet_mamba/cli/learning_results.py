@@ -72,6 +72,15 @@ def merge_runs(paths: Sequence[str]) -> list[dict]:
     return records
 
 
+def merge_unfinished(paths: Sequence[str]) -> list[dict]:
+    """The unfinished runs listed in several ``--json`` files (files of earlier versions list none)."""
+    entries = []
+    for path in paths:
+        with open(path) as f:
+            entries += json.load(f).get("unfinished", [])
+    return entries
+
+
 def is_baseline(trainer: str) -> bool:
     return trainer == BASELINE
 
@@ -97,6 +106,38 @@ def read_run(fold_dir: str) -> dict:
             "sec_per_epoch": statistics.median(durations), "peak_gib": peak,
             "pseudo_dice": [float(v) for v in logging["mean_fg_dice"]],
             "ema_dice": [float(v) for v in logging["ema_fg_dice"]]}
+
+
+_PSEUDO_DICE_LINE = re.compile(r"Pseudo dice \[(.*)\]")
+# the class values of a pseudo-Dice line, "[0.9, 0.8]" or numpy 2's "[np.float32(0.9), ...]" ("32" is skipped)
+_NUMBER = re.compile(r"(?<![\w.])\d+(?:\.\d+)?(?:e-?\d+)?")
+_EPOCH_TIME_LINE = re.compile(r"Epoch time: ([0-9.]+) s")
+
+
+def read_progress(fold_dir: str) -> dict | None:
+    """How far an unfinished run got, from nnU-Net's newest training log in ``fold_dir``: epochs done, the per-epoch
+    pseudo Dice (mean over the classes, as ``read_run``'s) and the median epoch time; None without a log."""
+    try:
+        logs = sorted(n for n in os.listdir(fold_dir) if n.startswith("training_log_") and n.endswith(".txt"))
+    except OSError:
+        return None
+    if not logs:
+        return None
+    # nnU-Net names its logs by the start time: the last one sorted is the newest (a resumed run writes a new one)
+    with open(os.path.join(fold_dir, logs[-1]), errors="replace") as f:
+        text = f.read()
+    pseudo = [statistics.fmean(float(v) for v in _NUMBER.findall(m)) for m in _PSEUDO_DICE_LINE.findall(text)
+              if _NUMBER.search(m)]
+    times = [float(v) for v in _EPOCH_TIME_LINE.findall(text)]
+    return {"epochs_done": len(times), "pseudo_dice": pseudo,
+            "sec_per_epoch": statistics.median(times) if times else None}
+
+
+def progress_line(entry: dict) -> str:
+    """One console line for an unfinished run."""
+    last = f", last pseudo Dice {entry['pseudo_dice'][-1]:.3f}" if entry.get("pseudo_dice") else ""
+    return (f"{entry['dim']}D {entry['label']} seed {entry['seed']}: {entry['epochs_done']} of "
+            f"{entry['epochs']} epochs{last} (no final validation)")
 
 
 def _mean(values: Sequence[float | None]) -> float | None:
