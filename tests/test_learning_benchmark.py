@@ -238,11 +238,15 @@ def test_unfinished_runs_are_reported_and_merged(tmp_path, capsys):
                    "label": "nnUNetTrainer (ResEnc M)", "seed": 0, "schedule": "e20_i50_v10", "epochs": 20,
                    "epochs_done": 17, "pseudo_dice": [0.5, 0.955], "sec_per_epoch": 9.9}]
     first = tmp_path / "a.json"
-    learning._report(HEADER_1000, [_record(2, "nnUNetTrainer", "nnUNetPlans", 0, 0.9)], str(tmp_path / "a"), str(first),
+    finished = {**_record(2, "nnUNetTrainer", "nnUNetPlans", 0, 0.9), "schedule": "e20_i50_v10"}
+    learning._report(HEADER_1000, [finished], str(tmp_path / "a"), str(first),
                      [], unfinished)
     assert "2D nnUNetTrainer (ResEnc M) seed 0: 17 of 20 epochs, last pseudo Dice 0.955" in capsys.readouterr().out
     assert json.loads(first.read_text())["unfinished"] == unfinished
-    second = _json_file(tmp_path / "b.json", [_record(2, "nnUNetTrainerUMambaBot", "nnUNetPlans", 0, 0.95)])
+    second = tmp_path / "b.json"  # with an unfinished run of another schedule, which the merge leaves out
+    second.write_text(json.dumps({"header": HEADER_1000, "rows": [], "failed": [], "runs": [
+        {**_record(2, "nnUNetTrainerUMambaBot", "nnUNetPlans", 0, 0.95), "schedule": "e20_i50_v10"}],
+        "unfinished": [{**unfinished[0], "schedule": "e30_i100_v10", "epochs": 30}]}))
     merged = tmp_path / "merged.json"
     learning.merge(argparse.Namespace(merge=[str(first), str(second)], out=str(tmp_path / "m"), json=str(merged)))
     assert json.loads(merged.read_text())["unfinished"] == unfinished

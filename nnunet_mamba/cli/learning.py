@@ -316,7 +316,8 @@ def merge(args: argparse.Namespace) -> int:
     header = (f"device: {', '.join(devices)} | schedule: "
               f"{results.describe_schedule(schedule) if schedule else 'unknown'} | "
               f"{len(records)} runs merged from {len(args.merge)} files")
-    _report(header, records, args.out or "learning_benchmark", args.json, [], results.merge_unfinished(args.merge))
+    _report(header, records, args.out or "learning_benchmark", args.json, [],
+            results.merge_unfinished(args.merge, schedule))
     return 0
 
 

@@ -72,12 +72,12 @@ def merge_runs(paths: Sequence[str]) -> list[dict]:
     return records
 
 
-def merge_unfinished(paths: Sequence[str]) -> list[dict]:
-    """The unfinished runs listed in several ``--json`` files (files of earlier versions list none)."""
+def merge_unfinished(paths: Sequence[str], schedule: str) -> list[dict]:
+    """The unfinished runs of ``schedule`` listed in several ``--json`` files (files of earlier versions list none)."""
     entries = []
     for path in paths:
         with open(path) as f:
-            entries += json.load(f).get("unfinished", [])
+            entries += [u for u in json.load(f).get("unfinished", []) if u.get("schedule") == schedule]
     return entries
 
 
