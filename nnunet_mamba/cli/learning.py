@@ -307,7 +307,7 @@ def _report(header: str, records: list[dict], out: str, json_path: str | None, f
 
 def merge(args: argparse.Namespace) -> int:
     """``--merge``: the runs of several ``--json`` files in one table; refuses mixed schedules and repeated runs."""
-    records = results.merge_runs(args.merge)
+    records, unfinished = results.merge_runs(args.merge)
     if not records:
         raise SystemExit("learning-benchmark --merge: the files hold no finished run")
     records.sort(key=lambda r: (r["dim"], r["label"], r["seed"]))  # a recipe's twin next to its trainer
@@ -316,8 +316,7 @@ def merge(args: argparse.Namespace) -> int:
     header = (f"device: {', '.join(devices)} | schedule: "
               f"{results.describe_schedule(schedule) if schedule else 'unknown'} | "
               f"{len(records)} runs merged from {len(args.merge)} files")
-    _report(header, records, args.out or "learning_benchmark", args.json, [],
-            results.merge_unfinished(args.merge, schedule))
+    _report(header, records, args.out or "learning_benchmark", args.json, [], unfinished)
     return 0
 
 
@@ -366,16 +365,15 @@ def _run(s: argparse.Namespace) -> int:
     records, unfinished = [], []
     schedule, device = results.schedule_name(s.epochs, s.iterations, s.val_iterations), _device_name(s.device)
     for r in runs:
+        run = {"dim": r.dim, "trainer": r.trainer, "plans": r.plans, "label": r.label, "seed": r.seed,
+               "schedule": schedule, "device": device, "log": r.log}
         if r in failed or not r.finished():
             # stopped by --time-limit or failed: its curve from nnU-Net's log, so that the time it trained still counts
             progress = results.read_progress(r.fold_dir)
             if progress and progress["epochs_done"]:
-                unfinished.append({"dim": r.dim, "trainer": r.trainer, "plans": r.plans, "label": r.label,
-                                   "seed": r.seed, "schedule": schedule, "device": device, "log": r.log,
-                                   "epochs": s.epochs, **progress})
+                unfinished.append({**run, "epochs": s.epochs, **progress})
             continue
-        records.append({"dim": r.dim, "trainer": r.trainer, "plans": r.plans, "label": r.label, "seed": r.seed,
-                        "schedule": schedule, "device": device, "log": r.log, **results.read_run(r.fold_dir)})
+        records.append({**run, **results.read_run(r.fold_dir)})
     sizes = ", ".join(f"{d}D {s.size[d]} px x {s.cases[d]} cases" for d in s.dims)
     header = (f"device: {device} | schedule: {results.describe_schedule(schedule)} | seeds "
               f"{' '.join(map(str, s.seeds))} | {sizes} | {s.jobs} runs at once (s/epoch: median epoch time)")

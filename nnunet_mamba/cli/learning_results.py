@@ -42,16 +42,18 @@ _HEADER_SCHEDULE = re.compile(r"schedule: (\d+) epochs x (\d+) iterations \(= \d
 _HEADER_DEVICE = re.compile(r"device: ([^|]+?) \|")
 
 
-def merge_runs(paths: Sequence[str]) -> list[dict]:
+def merge_runs(paths: Sequence[str]) -> tuple[list[dict], list[dict]]:
     """The runs of several ``--json`` files, each with its ``schedule`` and ``device`` (from the file's header
-    where a run lacks them: files of earlier versions). Raises SystemExit on mixed schedules or a run (dimension,
-    trainer, seed) found twice."""
-    records, seen = [], {}
+    where a run lacks them: files of earlier versions), and the unfinished runs of that schedule they list (files of
+    earlier versions list none). Raises SystemExit on mixed schedules or a run (dimension, trainer, seed) found
+    twice."""
+    records, unfinished, seen = [], [], {}
     for path in paths:
         try:
             with open(path) as f:
                 data = json.load(f)
             header, runs = data["header"], data["runs"]
+            unfinished += data.get("unfinished", [])
         except (OSError, ValueError, KeyError, TypeError) as e:
             raise SystemExit(f"learning-benchmark --merge: {path} is not a learning-benchmark --json file ({e})")
         schedule, device = _HEADER_SCHEDULE.search(header), _HEADER_DEVICE.search(header)
@@ -69,16 +71,7 @@ def merge_runs(paths: Sequence[str]) -> list[dict]:
     if len(schedules) > 1:
         raise SystemExit("learning-benchmark --merge: the files hold runs of different schedules "
                          f"({', '.join(schedules)}): one table compares one schedule")
-    return records
-
-
-def merge_unfinished(paths: Sequence[str], schedule: str) -> list[dict]:
-    """The unfinished runs of ``schedule`` listed in several ``--json`` files (files of earlier versions list none)."""
-    entries = []
-    for path in paths:
-        with open(path) as f:
-            entries += [u for u in json.load(f).get("unfinished", []) if u.get("schedule") == schedule]
-    return entries
+    return records, [u for u in unfinished if u.get("schedule") in schedules]
 
 
 def is_baseline(trainer: str) -> bool:
@@ -120,14 +113,14 @@ def read_progress(fold_dir: str) -> dict | None:
     try:
         logs = sorted(n for n in os.listdir(fold_dir) if n.startswith("training_log_") and n.endswith(".txt"))
     except OSError:
-        return None
+        logs = []
     if not logs:
         return None
     # nnU-Net names its logs by the start time: the last one sorted is the newest (a resumed run writes a new one)
     with open(os.path.join(fold_dir, logs[-1]), errors="replace") as f:
         text = f.read()
-    pseudo = [statistics.fmean(float(v) for v in _NUMBER.findall(m)) for m in _PSEUDO_DICE_LINE.findall(text)
-              if _NUMBER.search(m)]
+    per_class = (_NUMBER.findall(m) for m in _PSEUDO_DICE_LINE.findall(text))
+    pseudo = [statistics.fmean(map(float, values)) for values in per_class if values]
     times = [float(v) for v in _EPOCH_TIME_LINE.findall(text)]
     return {"epochs_done": len(times), "pseudo_dice": pseudo,
             "sec_per_epoch": statistics.median(times) if times else None}
