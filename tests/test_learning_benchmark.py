@@ -250,6 +250,14 @@ def test_unfinished_runs_are_reported_and_merged(tmp_path, capsys):
     merged = tmp_path / "merged.json"
     learning.merge(argparse.Namespace(merge=[str(first), str(second)], out=str(tmp_path / "m"), json=str(merged)))
     assert json.loads(merged.read_text())["unfinished"] == unfinished
+    third = tmp_path / "c.json"  # a later rerun that finished the unfinished run: it leaves the list
+    third.write_text(json.dumps({"header": HEADER_1000, "rows": [], "failed": [], "unfinished": [], "runs": [
+        {**_record(2, "nnUNetTrainer", "nnUNetResEncUNetMPlans", 0, 0.96), "schedule": "e20_i50_v10"}]}))
+    capsys.readouterr()
+    learning.merge(argparse.Namespace(merge=[str(first), str(second), str(third)], out=str(tmp_path / "m"),
+                                      json=str(merged)))
+    assert json.loads(merged.read_text())["unfinished"] == []
+    assert "not in the table" not in capsys.readouterr().out
 
 
 @pytest.mark.e2e

@@ -45,8 +45,8 @@ _HEADER_DEVICE = re.compile(r"device: ([^|]+?) \|")
 def merge_runs(paths: Sequence[str]) -> tuple[list[dict], list[dict]]:
     """The runs of several ``--json`` files, each with its ``schedule`` and ``device`` (from the file's header
     where a run lacks them: files of earlier versions), and the unfinished runs of that schedule they list (files of
-    earlier versions list none). Raises SystemExit on mixed schedules or a run (dimension, trainer, seed) found
-    twice."""
+    earlier versions list none) unless another file has that run finished (a rerun that completed it). Raises
+    SystemExit on mixed schedules or a run (dimension, trainer, seed) found twice."""
     records, unfinished, seen = [], [], {}
     for path in paths:
         try:
@@ -61,7 +61,7 @@ def merge_runs(paths: Sequence[str]) -> tuple[list[dict], list[dict]]:
             run = dict(run)
             run.setdefault("schedule", schedule and schedule_name(*map(int, schedule.groups())))
             run.setdefault("device", device.group(1) if device else "?")
-            key = (run["dim"], run["label"], run["seed"])
+            key = (run["schedule"], run["dim"], run["label"], run["seed"])
             if key in seen:
                 raise SystemExit(f"learning-benchmark --merge: {run['dim']}D {run['label']} seed {run['seed']} is "
                                  f"in both {seen[key]} and {path}")
@@ -71,7 +71,9 @@ def merge_runs(paths: Sequence[str]) -> tuple[list[dict], list[dict]]:
     if len(schedules) > 1:
         raise SystemExit("learning-benchmark --merge: the files hold runs of different schedules "
                          f"({', '.join(schedules)}): one table compares one schedule")
-    return records, [u for u in unfinished if u.get("schedule") in schedules]
+    return records, [u for u in unfinished
+                     if u.get("schedule") in schedules
+                     and (u["schedule"], u["dim"], u["label"], u["seed"]) not in seen]
 
 
 def is_baseline(trainer: str) -> bool:
