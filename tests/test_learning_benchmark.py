@@ -285,3 +285,29 @@ def test_tiny_benchmark_through_the_nnunet_cli(tmp_path):
     # a rerun finds the finished run and trains nothing
     again = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
     assert again.returncode == 0 and "1 of 1 runs already finished" in again.stdout, again.stdout + again.stderr
+
+
+def test_readme_learning_table_is_the_merge_of_the_evidence_files():
+    """The README's H200 table states what ``--merge docs/learning_benchmark/*.json`` gives: every row's seeds,
+    foreground Dice (mean and half spread) and class Dice, and no row more or less."""
+    import glob
+    import re
+
+    paths = sorted(glob.glob(os.path.join(REPO, "docs", "learning_benchmark", "*.json")))
+    records, _ = learning_results.merge_runs(paths)
+    expected = {}
+    for row in learning_results.aggregate(records):
+        cells = []
+        for key in ["fg_dice"] + [f"dice_{c}" for c in learning_results.CLASSES]:
+            half = (row.get(f"{key}_spread") or 0) / 2
+            cells.append(f"{row[key]:.3f}" + (f" ±{half:.3f}" if row["seeds"] > 1 and round(half, 3) > 0 else ""))
+        expected[(row["dim"], row["trainer"])] = [str(row["seeds"]), *cells, f"{row['delta_points']:+.1f}"]
+    with open(os.path.join(REPO, "README.md")) as f:
+        readme = f.read()
+    section = readme[readme.index("## Learning benchmark"):readme.index("## Troubleshooting")]
+    stated = {}
+    for line in section.splitlines():
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        if line.startswith("| ") and re.fullmatch(r"[23]D", cells[0]) and len(cells) == 11:
+            stated[(cells[0], cells[1])] = cells[2:9]
+    assert stated == expected
