@@ -81,7 +81,7 @@ def test_variants_take_the_schedule_and_seed_from_the_environment(monkeypatch):
 def _args(**overrides) -> argparse.Namespace:
     values = {"dims": None, "trainers": None, "seeds": None, "epochs": None, "iterations": None,
               "val_iterations": None, "cases": None, "size": None, "jobs": None, "device": "cpu", "work": None,
-              "out": None, "json": None, "tiny": False, "merge": None}
+              "out": None, "json": None, "tiny": False, "merge": None, "collect": None}
     return argparse.Namespace(**{**values, **overrides})
 
 
@@ -311,3 +311,46 @@ def test_readme_learning_table_is_the_merge_of_the_evidence_files():
         if line.startswith("| ") and re.fullmatch(r"[23]D", cells[0]) and len(cells) == 11:
             stated[(cells[0], cells[1])] = cells[2:9]
     assert stated == expected
+
+
+def _finished_fold(fold, fg: float) -> None:
+    """nnU-Net's files of a finished run, as read_run reads them."""
+    (fold / "validation").mkdir(parents=True)
+    (fold / "validation" / "summary.json").write_text(json.dumps(
+        {"foreground_mean": {"Dice": fg}, "mean": {str(v): {"Dice": fg} for v in range(1, 5)}}))
+    torch.save({"logging": {"epoch_start_timestamps": [0.0], "epoch_end_timestamps": [2.0], "mean_fg_dice": [fg],
+                            "ema_fg_dice": [fg]}}, fold / "checkpoint_final.pth")
+
+
+def test_collect_builds_the_table_from_the_nnunet_files_of_work_folders(tmp_path, capsys):
+    """A benchmark killed before its report: --collect reads its finished and unfinished runs, one schedule."""
+    work = tmp_path / "work"
+    root = work / "results" / "e20_i50_v10_seed1"
+    _finished_fold(root / learning.dataset_name(2) / "nnUNetTrainerUMambaBot_learnbench__nnUNetPlans__2d" / "fold_0",
+                   0.9)
+    unfinished = root / learning.dataset_name(3) / "nnUNetTrainer_learnbench__nnUNetResEncUNetMPlans__3d_fullres"
+    (unfinished / "fold_0").mkdir(parents=True)
+    (unfinished / "fold_0" / "training_log_2026_12_2_07_40_20.txt").write_text(_training_log(
+        ["Pseudo dice [0.5, 0.5, 0.0, 0.0]", "Epoch time: 3.0 s"]))
+    (root / learning.dataset_name(2) / "unrelated_folder").mkdir()
+    out = tmp_path / "collected.json"
+    assert learning.run(_args(collect=[str(work)], out=str(tmp_path / "c"), json=str(out))) == 0
+    data = json.loads(out.read_text())
+    assert [(r["dim"], r["label"], r["seed"], r["fg_dice"]) for r in data["runs"]] == [
+        (2, "nnUNetTrainerUMambaBot", 1, 0.9)]
+    assert [(u["dim"], u["label"], u["epochs_done"], u["epochs"]) for u in data["unfinished"]] == [
+        (3, "nnUNetTrainer (ResEnc M)", 1, 20)]
+    assert "20 epochs x 50 iterations" in data["header"] and "1 finished and 1 unfinished" in data["header"]
+    assert learning_results.merge_runs([str(out)])[0][0]["schedule"] == "e20_i50_v10"  # --merge takes the file
+    # a second schedule in the folders: the user chooses
+    _finished_fold(work / "results" / "e30_i100_v10_seed0" / learning.dataset_name(2)
+                   / "nnUNetTrainer_learnbench__nnUNetPlans__2d" / "fold_0", 0.95)
+    with pytest.raises(SystemExit, match="runs of 2 schedules"):
+        learning.run(_args(collect=[str(work)], out=str(tmp_path / "c")))
+    assert learning.run(_args(collect=[str(work)], out=str(tmp_path / "c"), json=str(out), epochs=30,
+                              iterations=100, val_iterations=10)) == 0
+    assert [r["fg_dice"] for r in json.loads(out.read_text())["runs"]] == [0.95]
+    with pytest.raises(SystemExit, match="no runs of e5_i5_v5"):
+        learning.run(_args(collect=[str(work)], epochs=5, iterations=5, val_iterations=5))
+    with pytest.raises(SystemExit, match="no results folder"):
+        learning.run(_args(collect=[str(tmp_path / "nowhere")]))

@@ -96,6 +96,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--merge", nargs="+", metavar="JSON",
                    help="train nothing: one table (--out, --json) from the runs in these --json files of earlier "
                         "invocations (one schedule; e.g. seeds trained on different machines)")
+    p.add_argument("--collect", nargs="+", metavar="WORK",
+                   help="train nothing: the table (--out, --json) from the nnU-Net files in these --work folders, "
+                        "finished and unfinished runs, e.g. of a benchmark that was killed before its report; run it "
+                        "on the machine that trained them (the device name is this machine's); one schedule, "
+                        "chosen with --epochs/--iterations/--val-iterations where the folders hold several")
     p.set_defaults(func=run)
 
 
@@ -347,9 +352,80 @@ def _work_lock(work: str):
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
+_RESULTS_DIR = re.compile(r"(e\d+_i\d+_v\d+)_seed(\d+)$")
+
+
+def collect(args: argparse.Namespace) -> int:
+    """``--collect``: the runs found in work folders, read from nnU-Net's files (no training)."""
+    from ..trainers.learning import SUFFIX
+
+    configs = {config: dim for dim, config in CONFIGS.items()}
+    found: dict[str, list[Run]] = {}
+    for work in map(os.path.abspath, args.collect):
+        results_root = os.path.join(work, "results")
+        if not os.path.isdir(results_root):
+            raise SystemExit(f"learning-benchmark --collect: {work} has no results folder (not a --work folder?)")
+        for name in sorted(os.listdir(results_root)):
+            match = _RESULTS_DIR.match(name)
+            if not match:
+                continue
+            schedule, seed = match.group(1), int(match.group(2))
+            for dim, dataset in ((d, dataset_name(d)) for d in DATASET_IDS):
+                folder = os.path.join(results_root, name, dataset)
+                for model in sorted(os.listdir(folder)) if os.path.isdir(folder) else []:
+                    trainer, plans, config = (model.split("__") + ["", ""])[:3]
+                    if not trainer.endswith(SUFFIX) or configs.get(config) != dim:
+                        continue
+                    trainer = trainer[:-len(SUFFIX)]
+                    log = os.path.join(work, "logs", f"{dim}d_{trainer}_{plans}_{schedule}_seed{seed}.log")
+                    found.setdefault(schedule, []).append(Run(dim, trainer, plans, seed,
+                                                              os.path.join(results_root, name), log))
+    wanted = [args.epochs, args.iterations, args.val_iterations]
+    if any(v is not None for v in wanted):
+        if None in wanted:
+            raise SystemExit("learning-benchmark --collect: give all of --epochs, --iterations, --val-iterations")
+        schedule = results.schedule_name(*wanted)
+        if schedule not in found:
+            raise SystemExit(f"learning-benchmark --collect: no runs of {schedule} (found: "
+                             f"{', '.join(sorted(found)) or 'none'})")
+    elif len(found) == 1:
+        schedule = next(iter(found))
+    else:
+        raise SystemExit(f"learning-benchmark --collect: the folders hold runs of {len(found)} schedules "
+                         f"({', '.join(sorted(found)) or 'none'}): choose one with --epochs/--iterations/"
+                         "--val-iterations")
+    device = _device_name("cuda") if torch.cuda.is_available() else "unknown"
+    records, unfinished = _read_runs(found[schedule], schedule, device, [])
+    if not records and not unfinished:
+        raise SystemExit(f"learning-benchmark --collect: no run of {schedule} has trained an epoch")
+    header = (f"device: {device} | schedule: {results.describe_schedule(schedule)} | {len(records)} finished and "
+              f"{len(unfinished)} unfinished runs collected from {len(args.collect)} work folders")
+    _report(header, records, args.out or "learning_benchmark", args.json, [], unfinished)
+    return 0
+
+
+def _read_runs(runs: list[Run], schedule: str, device: str, failed: list[Run]) -> tuple[list[dict], list[dict]]:
+    """The finished runs' numbers (:func:`results.read_run`) and the unfinished ones' progress."""
+    records, unfinished = [], []
+    epochs = int(schedule.split("_")[0][1:])
+    for r in runs:
+        run = {"dim": r.dim, "trainer": r.trainer, "plans": r.plans, "label": r.label, "seed": r.seed,
+               "schedule": schedule, "device": device, "log": r.log}
+        if r in failed or not r.finished():
+            # stopped by --time-limit or failed: its curve from nnU-Net's log, so that the time it trained still counts
+            progress = results.read_progress(r.fold_dir)
+            if progress and progress["epochs_done"]:
+                unfinished.append({**run, "epochs": epochs, **progress})
+            continue
+        records.append({**run, **results.read_run(r.fold_dir)})
+    return records, unfinished
+
+
 def run(args: argparse.Namespace) -> int:
     if getattr(args, "merge", None):
         return merge(args)
+    if getattr(args, "collect", None):
+        return collect(args)
     s = _settings(args)
     os.makedirs(s.work, exist_ok=True)
     with _work_lock(s.work):
@@ -362,18 +438,8 @@ def _run(s: argparse.Namespace) -> int:
         prepare(s, dim, env)
     runs = _runs(s)
     failed = train(s, runs, env)
-    records, unfinished = [], []
     schedule, device = results.schedule_name(s.epochs, s.iterations, s.val_iterations), _device_name(s.device)
-    for r in runs:
-        run = {"dim": r.dim, "trainer": r.trainer, "plans": r.plans, "label": r.label, "seed": r.seed,
-               "schedule": schedule, "device": device, "log": r.log}
-        if r in failed or not r.finished():
-            # stopped by --time-limit or failed: its curve from nnU-Net's log, so that the time it trained still counts
-            progress = results.read_progress(r.fold_dir)
-            if progress and progress["epochs_done"]:
-                unfinished.append({**run, "epochs": s.epochs, **progress})
-            continue
-        records.append({**run, **results.read_run(r.fold_dir)})
+    records, unfinished = _read_runs(runs, schedule, device, failed)
     sizes = ", ".join(f"{d}D {s.size[d]} px x {s.cases[d]} cases" for d in s.dims)
     header = (f"device: {device} | schedule: {results.describe_schedule(schedule)} | seeds "
               f"{' '.join(map(str, s.seeds))} | {sizes} | {s.jobs} runs at once (s/epoch: median epoch time)")
