@@ -354,3 +354,18 @@ def test_collect_builds_the_table_from_the_nnunet_files_of_work_folders(tmp_path
         learning.run(_args(collect=[str(work)], epochs=5, iterations=5, val_iterations=5))
     with pytest.raises(SystemExit, match="no results folder"):
         learning.run(_args(collect=[str(tmp_path / "nowhere")]))
+
+
+def test_read_run_without_the_checkpoint_takes_curve_and_times_from_the_training_log(tmp_path):
+    """A copy of the results without weights: the final Dice from summary.json, the rest from nnU-Net's log."""
+    fold = tmp_path / "fold_0"
+    _finished_fold(fold, 0.8)
+    (fold / "checkpoint_final.pth").unlink()
+    with pytest.raises(FileNotFoundError, match="neither checkpoint_final.pth nor a training log"):
+        learning_results.read_run(str(fold))
+    (fold / "training_log_2026_12_2_07_40_20.txt").write_text(_training_log([
+        "Pseudo dice [1.0, 1.0, 0.0, 0.0]", "Epoch time: 4.0 s", "Pseudo dice [1.0, 1.0, 0.5, 0.5]",
+        "Epoch time: 2.0 s", "Pseudo dice [1.0, 1.0, 1.0, 0.0]", "Epoch time: 3.0 s"]))
+    run = learning_results.read_run(str(fold))
+    assert run["fg_dice"] == 0.8 and run["sec_per_epoch"] == 3.0 and run["ema_dice"] is None
+    assert run["pseudo_dice"] == [0.5, 0.75, 0.75]

@@ -82,15 +82,26 @@ def is_baseline(trainer: str) -> bool:
 
 def read_run(fold_dir: str) -> dict:
     """Final validation Dice (per class and foreground mean), median seconds per epoch, peak CUDA memory (GiB,
-    None on a CPU) and the per-epoch pseudo Dice of a finished nnU-Net run (its ``fold_0`` folder)."""
+    None on a CPU) and the per-epoch pseudo Dice of a finished nnU-Net run (its ``fold_0`` folder). The curve and
+    times come from the final checkpoint, or from nnU-Net's training log where the checkpoint is gone (a copy of the
+    results without weights; no EMA curve then)."""
     with open(os.path.join(fold_dir, "validation", "summary.json")) as f:
         summary = json.load(f)
     dice = {name: float(summary["mean"][str(LEARNING_LABELS[name])]["Dice"]) for name in CLASSES}
-    # our own file, just written by nnU-Net in this benchmark: safe to unpickle
-    checkpoint = torch.load(os.path.join(fold_dir, "checkpoint_final.pth"), map_location="cpu", weights_only=False)
-    logging = checkpoint["logging"]
-    durations = [end - start for start, end in zip(logging["epoch_start_timestamps"],
-                                                    logging["epoch_end_timestamps"])]
+    checkpoint_path = os.path.join(fold_dir, "checkpoint_final.pth")
+    if os.path.isfile(checkpoint_path):
+        # our own file, written by nnU-Net in this benchmark: safe to unpickle
+        logging = torch.load(checkpoint_path, map_location="cpu", weights_only=False)["logging"]
+        durations = [end - start for start, end in zip(logging["epoch_start_timestamps"],
+                                                        logging["epoch_end_timestamps"])]
+        seconds, pseudo = statistics.median(durations), [float(v) for v in logging["mean_fg_dice"]]
+        ema = [float(v) for v in logging["ema_fg_dice"]]
+    else:
+        progress = read_progress(fold_dir)
+        if progress is None:
+            raise FileNotFoundError(f"{fold_dir}: neither checkpoint_final.pth nor a training log to read the "
+                                    "run's curve and epoch times from")
+        seconds, pseudo, ema = progress["sec_per_epoch"], progress["pseudo_dice"], None
     peak = None
     memory_file = os.path.join(fold_dir, "learnbench_memory.json")
     if os.path.isfile(memory_file):
@@ -98,9 +109,7 @@ def read_run(fold_dir: str) -> dict:
             peak_bytes = json.load(f).get("peak_memory_bytes")
         peak = None if peak_bytes is None else peak_bytes / 2 ** 30
     return {"fg_dice": float(summary["foreground_mean"]["Dice"]), **{f"dice_{k}": v for k, v in dice.items()},
-            "sec_per_epoch": statistics.median(durations), "peak_gib": peak,
-            "pseudo_dice": [float(v) for v in logging["mean_fg_dice"]],
-            "ema_dice": [float(v) for v in logging["ema_fg_dice"]]}
+            "sec_per_epoch": seconds, "peak_gib": peak, "pseudo_dice": pseudo, "ema_dice": ema}
 
 
 _PSEUDO_DICE_LINE = re.compile(r"Pseudo dice \[(.*)\]")
