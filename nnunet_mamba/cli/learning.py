@@ -57,6 +57,12 @@ class Run:
     def finished(self) -> bool:
         return os.path.isfile(os.path.join(self.fold_dir, "validation", "summary.json"))
 
+    @classmethod
+    def in_work(cls, work: str, dim: int, trainer: str, plans: str, seed: int, schedule: str) -> Run:
+        """The run as a --work folder lays it out: results per schedule and seed, one log per run."""
+        return cls(dim, trainer, plans, seed, os.path.join(work, "results", f"{schedule}_seed{seed}"),
+                   os.path.join(work, "logs", f"{dim}d_{trainer}_{plans}_{schedule}_seed{seed}.log"))
+
 
 def dataset_name(dim: int) -> str:
     return f"Dataset{DATASET_IDS[dim]:03d}_LearnBench{dim}D"
@@ -226,8 +232,7 @@ def prepare(s: argparse.Namespace, dim: int, env: dict[str, str]) -> None:
 
 def _runs(s: argparse.Namespace) -> list[Run]:
     schedule = results.schedule_name(s.epochs, s.iterations, s.val_iterations)
-    return [Run(dim, trainer, plans, seed, os.path.join(s.work, "results", f"{schedule}_seed{seed}"),
-                os.path.join(s.work, "logs", f"{dim}d_{trainer}_{plans}_{schedule}_seed{seed}.log"))
+    return [Run.in_work(s.work, dim, trainer, plans, seed, schedule)
             # seed-major: a run stopped by --time-limit leaves every trainer with its first seeds
             for dim in s.dims for seed in s.seeds for trainer, plans in s.trainers[dim]]
 
@@ -376,10 +381,8 @@ def collect(args: argparse.Namespace) -> int:
                     trainer, plans, config = (model.split("__") + ["", ""])[:3]
                     if not trainer.endswith(SUFFIX) or configs.get(config) != dim:
                         continue
-                    trainer = trainer[:-len(SUFFIX)]
-                    log = os.path.join(work, "logs", f"{dim}d_{trainer}_{plans}_{schedule}_seed{seed}.log")
-                    found.setdefault(schedule, []).append(Run(dim, trainer, plans, seed,
-                                                              os.path.join(results_root, name), log))
+                    found.setdefault(schedule, []).append(
+                        Run.in_work(work, dim, trainer[:-len(SUFFIX)], plans, seed, schedule))
     wanted = [args.epochs, args.iterations, args.val_iterations]
     if any(v is not None for v in wanted):
         if None in wanted:
@@ -407,7 +410,7 @@ def collect(args: argparse.Namespace) -> int:
 def _read_runs(runs: list[Run], schedule: str, device: str, failed: list[Run]) -> tuple[list[dict], list[dict]]:
     """The finished runs' numbers (:func:`results.read_run`) and the unfinished ones' progress."""
     records, unfinished = [], []
-    epochs = int(schedule.split("_")[0][1:])
+    epochs = results.parse_schedule(schedule)[0]
     for r in runs:
         run = {"dim": r.dim, "trainer": r.trainer, "plans": r.plans, "label": r.label, "seed": r.seed,
                "schedule": schedule, "device": device, "log": r.log}

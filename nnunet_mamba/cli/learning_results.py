@@ -32,8 +32,14 @@ def schedule_name(epochs: int, iterations: int, val_iterations: int) -> str:
     return f"e{epochs}_i{iterations}_v{val_iterations}"
 
 
-def describe_schedule(name: str) -> str:
+def parse_schedule(name: str) -> tuple[int, int, int]:
+    """Epochs, iterations per epoch and pseudo-Dice iterations of a schedule name (``schedule_name``'s inverse)."""
     epochs, iterations, val = (int(part[1:]) for part in name.split("_"))
+    return epochs, iterations, val
+
+
+def describe_schedule(name: str) -> str:
+    epochs, iterations, val = parse_schedule(name)
     return (f"{epochs} epochs x {iterations} iterations (= {epochs * iterations}), {val} pseudo-Dice iterations "
             "per epoch")
 
