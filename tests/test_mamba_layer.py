@@ -125,6 +125,16 @@ def test_mamba_layer_is_causal_along_tokens():
     assert not torch.equal(y.flatten(2)[..., -1], y2.flatten(2)[..., -1])
 
 
+@pytest.mark.parametrize("channel_token", [False, True])
+def test_mamba_layer_residual_adds_the_input_and_no_parameters(channel_token):
+    torch.manual_seed(0)
+    plain = MambaLayer(dim=20 if channel_token else 4, channel_token=channel_token)
+    residual = MambaLayer(dim=20 if channel_token else 4, channel_token=channel_token, residual=True)
+    residual.load_state_dict(plain.state_dict())  # same keys and shapes: original checkpoints load
+    x = torch.randn(2, 4, 4, 5)
+    torch.testing.assert_close(residual(x), plain(x) + x)
+
+
 def test_mamba_layer_rejects_wrong_sizes():
     with pytest.raises(ValueError, match="built for 4 channels"):
         MambaLayer(dim=4)(torch.randn(1, 3, 5, 5))

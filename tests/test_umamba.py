@@ -79,6 +79,17 @@ def test_enc_switches_to_channel_tokens_on_small_maps():
     assert not layers[1].channel_token and layers[3].channel_token and layers[3].dim == 4
 
 
+@pytest.mark.parametrize("name", ["umamba_bot", "umamba_enc"])
+def test_mamba_residual_is_a_plans_switch_with_the_original_keys(name):
+    plan = small_plan(3, input_size=(16, 16, 16))
+    original = nnunet_mamba.create_network(name, **plan)
+    residual = nnunet_mamba.create_network(name, **plan, mamba_residual=True)
+    residual.load_state_dict(original.state_dict())
+    layers = [m for m in residual.modules() if type(m).__name__ == "MambaLayer"]
+    assert layers and all(m.residual for m in layers)
+    assert not any(m.residual for m in original.modules() if type(m).__name__ == "MambaLayer")
+
+
 def test_caller_lists_are_not_modified():
     plan = small_plan(2)
     before = copy.deepcopy(plan)

@@ -66,7 +66,7 @@ class UpsampleConv(nn.Module):
 
 
 class MambaLayer(nn.Module):
-    """LayerNorm + Mamba over a feature map, without residual (as in U-Mamba).
+    """LayerNorm + Mamba over a feature map, without residual as in U-Mamba (``residual=True`` adds the input).
 
     Patch-token mode: every voxel is a token with ``dim`` = channels. Channel-token mode (for feature maps with
     fewer voxels than channels): every channel is a token whose features are the flattened voxels, so ``dim``
@@ -74,10 +74,11 @@ class MambaLayer(nn.Module):
     """
 
     def __init__(self, dim: int, d_state: int = 16, d_conv: int = 4, expand: int = 2,
-                 channel_token: bool = False) -> None:
+                 channel_token: bool = False, residual: bool = False) -> None:
         super().__init__()
         self.dim = dim
         self.channel_token = channel_token
+        self.residual = residual
         self.norm = nn.LayerNorm(dim)
         self.mamba = Mamba(d_model=dim, d_state=d_state, d_conv=d_conv, expand=expand)
 
@@ -96,7 +97,8 @@ class MambaLayer(nn.Module):
             out = self.mamba(self.norm(tokens))
             if not self.channel_token:
                 out = out.transpose(1, 2)
-            return out.reshape(batch, channels, *spatial)
+            out = out.reshape(batch, channels, *spatial)
+            return out + x if self.residual else out
 
 
 def stack_residual_blocks(conv_op: type[_ConvNd], input_channels: int, output_channels: int, kernel_size: IntOrSeq,

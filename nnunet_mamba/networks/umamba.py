@@ -10,7 +10,8 @@ Faithful to the original, including what its state dicts record (see ``docs`` in
   bottleneck's neighbour) have a single residual block, whatever the plans say;
 - the 2D decoder's last stage does not concatenate the full-resolution skip (the 3D one does);
 - 2D ``UMambaEnc`` has Mamba layers on every other stage, counted back from the bottleneck; 3D on all stages.
-``last_stage_skip`` and ``mamba_stages`` override the last two. The caller's lists are never modified.
+``last_stage_skip`` and ``mamba_stages`` override the last two. ``mamba_residual=True`` (not the original) adds each
+Mamba layer's input to its output. The caller's lists are never modified.
 """
 from __future__ import annotations
 
@@ -120,7 +121,7 @@ class UMamba(SegmentationNetwork):
                  nonlin: type[nn.Module] | None = None, nonlin_kwargs: dict | None = None,
                  deep_supervision: bool = False, input_size: Sequence[int] | None = None,
                  d_state: int = 16, d_conv: int = 4, expand: int = 2, last_stage_skip: bool | None = None,
-                 mamba_stages: Sequence[bool] | None = None) -> None:
+                 mamba_stages: Sequence[bool] | None = None, mamba_residual: bool = False) -> None:
         super().__init__()
         dim = conv_dim(conv_op)
         if norm_op is None or nonlin is None:
@@ -149,7 +150,7 @@ class UMamba(SegmentationNetwork):
         self.total_stride = tuple(int(np.prod([s[d] for s in strides])) for d in range(dim))
         if self.input_size is not None:
             self._check_input_size(dim)
-        mamba_kwargs = dict(d_state=d_state, d_conv=d_conv, expand=expand)
+        mamba_kwargs = dict(d_state=d_state, d_conv=d_conv, expand=expand, residual=mamba_residual)
         conv_kwargs = dict(conv_bias=conv_bias, norm_op=norm_op, norm_op_kwargs=norm_op_kwargs,
                            dropout_op=dropout_op, dropout_op_kwargs=dropout_op_kwargs, nonlin=nonlin,
                            nonlin_kwargs=nonlin_kwargs)
