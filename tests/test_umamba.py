@@ -90,6 +90,13 @@ def test_mamba_residual_is_a_plans_switch_with_the_original_keys(name):
     assert not any(m.residual for m in original.modules() if type(m).__name__ == "MambaLayer")
 
 
+def test_channel_tokens_off_keeps_voxel_tokens_and_any_input_size():
+    network = nnunet_mamba.create_network("umamba_enc", **small_plan(2, input_size=(16, 16)), channel_tokens=False)
+    layers = [m for m in network.encoder.mamba_layers if type(m).__name__ == "MambaLayer"]
+    assert len(layers) == 2 and not any(m.channel_token for m in layers) and layers[1].dim == 32
+    assert [tuple(o.shape[2:]) for o in network(torch.randn(1, 2, 24, 32))][0] == (24, 32)  # not fixed to 16x16
+
+
 def test_caller_lists_are_not_modified():
     plan = small_plan(2)
     before = copy.deepcopy(plan)

@@ -11,7 +11,8 @@ Faithful to the original, including what its state dicts record (see ``docs`` in
 - the 2D decoder's last stage does not concatenate the full-resolution skip (the 3D one does);
 - 2D ``UMambaEnc`` has Mamba layers on every other stage, counted back from the bottleneck; 3D on all stages.
 ``last_stage_skip`` and ``mamba_stages`` override the last two. ``mamba_residual=True`` (not the original) adds each
-Mamba layer's input to its output. The caller's lists are never modified.
+Mamba layer's input to its output; ``channel_tokens=False`` (not the original) keeps voxel tokens on every stage.
+The caller's lists are never modified.
 """
 from __future__ import annotations
 
@@ -121,7 +122,8 @@ class UMamba(SegmentationNetwork):
                  nonlin: type[nn.Module] | None = None, nonlin_kwargs: dict | None = None,
                  deep_supervision: bool = False, input_size: Sequence[int] | None = None,
                  d_state: int = 16, d_conv: int = 4, expand: int = 2, last_stage_skip: bool | None = None,
-                 mamba_stages: Sequence[bool] | None = None, mamba_residual: bool = False) -> None:
+                 mamba_stages: Sequence[bool] | None = None, mamba_residual: bool = False,
+                 channel_tokens: bool = True) -> None:
         super().__init__()
         dim = conv_dim(conv_op)
         if norm_op is None or nonlin is None:
@@ -157,7 +159,8 @@ class UMamba(SegmentationNetwork):
 
         encoder_mamba = None
         if self.placement == "encoder":
-            encoder_mamba = self._encoder_mamba_layers(features, strides, dim, mamba_stages, mamba_kwargs)
+            encoder_mamba = self._encoder_mamba_layers(features, strides, dim, mamba_stages, channel_tokens,
+                                                       mamba_kwargs)
         self._fixed_input_size = any(m is not None and m.channel_token for m in encoder_mamba or [])
         self.encoder = UMambaEncoder(input_channels, features, conv_op, kernel_sizes, strides, blocks,
                                      mamba_layers=encoder_mamba, **conv_kwargs)
@@ -183,7 +186,7 @@ class UMamba(SegmentationNetwork):
                              f"must be a multiple of the total stride {list(self.total_stride)} on every axis and "
                              f"larger than it on at least one, e.g. {suggestion}; or change strides/n_stages")
 
-    def _encoder_mamba_layers(self, features, strides, dim, mamba_stages, mamba_kwargs):
+    def _encoder_mamba_layers(self, features, strides, dim, mamba_stages, channel_tokens, mamba_kwargs):
         n_stages = len(features)
         if self.input_size is None:
             raise ValueError(f"{type(self).__name__} needs input_size (the patch size, e.g. the plans' patch_size): "
@@ -196,7 +199,7 @@ class UMamba(SegmentationNetwork):
         for s in range(n_stages):
             size = [i // j for i, j in zip(size, strides[s])]
             voxels = int(np.prod(size))
-            channel_token = voxels <= features[s]
+            channel_token = channel_tokens and voxels <= features[s]
             layers.append(MambaLayer(voxels if channel_token else features[s], channel_token=channel_token,
                                      **mamba_kwargs) if mamba_stages[s] else None)
         return layers
