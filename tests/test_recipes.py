@@ -228,14 +228,15 @@ FAMILIES = {
     "vim_unet": (trainers.nnUNetTrainerViMUNetTiny, {"embed_dim": 32, "depth": 2}, (32, 32), 150),
     "flemme": (trainers.nnUNetTrainerFlemmeMambaU, {"num_blocks": 1}, (32, 32), 100),
     # SegResMamba is missing: no narrow variant reaches the bar with its recipe (Adam 1e-4) within a CPU budget
-    # (~90 s on 1 thread). Measured with this module's helpers (encoder/decoder widths 4/8, d_state 4, batch 2):
-    #   48x32x32 (0.35 s/step): Dice 0.024 after 100 steps, 0.008 after 200, 0.000 after 300-600 (214 s)
-    #   48x16x16 (0.11-0.25 s/step): 0.021 after 100, 0.000 after 200-1000 (196 s)
-    #   widths 8/16 at 48x32x32 (0.7 s/step): 0.000 after 150
-    # The loss falls (0.84 -> 0.10-0.13) as the network learns to predict background everywhere; Adam at 1e-4
-    # leaves that phase only after far more steps. Not the Mamba layers: with every ToM replaced by the identity the
-    # recipe reaches 0.027 after 100 steps at 48x32x32, and nnU-Net's SGD at 1e-2 0.84 (the whole network 0.35,
-    # 0.75 with a residual around each ToM). SGD at 1e-4 (the negative control's broken recipe): 0.023 after 200.
+    # (~90 s on 1 thread). Measured with this module's helpers (batch 2; Dice 0.000 from step 50 on in every run):
+    #   encoder/decoder widths 4/32, 48x32x32: 100 steps (141 s); with d_state 4: 150 steps (72 s)
+    #   widths 4/32 and 8/32, 48x16x16: 400 steps (133 s, 85 s); the loss falls to 0.09 on background everywhere
+    # No defect found (GroupNorm groups, deep-supervision scales and weights, initial logits, gradients checked).
+    # Step size: the same 8/32 network under Adam at 1e-3 reaches 0.70 after 150 steps, 0.86 after 250 (U-Mamba
+    # Bot under Adam 1e-4: 0.80 after 200). At init each CMMB block hides the stem's features (a quadratic probe
+    # on them: raw input 0.95, stem 0.48, after CMMB0 0.05; 0.13 with its ToM replaced by the identity), and the
+    # deepest InstanceNorms see 2-3 voxels. Widths 4/8 add a checkerboard from the 2x2x2 transposed-conv head on 8
+    # channels (class fractions exactly 0.75/0.125/0.125 after 100 steps), gone at decoder width 32.
 }
 
 
