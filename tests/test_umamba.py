@@ -7,6 +7,7 @@ from torch import nn
 from helpers import assert_manifest_output_shapes, load_manifest, manifest_kwargs
 import nnunet_mamba
 from nnunet_mamba.checkpoints import CheckpointError, convert_umamba_state_dict
+from nnunet_mamba.layers import MambaLayer
 
 MANIFESTS = {
     "umamba_bot_2d_plan320": "umamba_bot",
@@ -85,14 +86,14 @@ def test_mamba_residual_is_a_plans_switch_with_the_original_keys(name):
     original = nnunet_mamba.create_network(name, **plan)
     residual = nnunet_mamba.create_network(name, **plan, mamba_residual=True)
     residual.load_state_dict(original.state_dict())
-    layers = [m for m in residual.modules() if type(m).__name__ == "MambaLayer"]
+    layers = [m for m in residual.modules() if isinstance(m, MambaLayer)]
     assert layers and all(m.residual for m in layers)
-    assert not any(m.residual for m in original.modules() if type(m).__name__ == "MambaLayer")
+    assert not any(m.residual for m in original.modules() if isinstance(m, MambaLayer))
 
 
 def test_channel_tokens_off_keeps_voxel_tokens_and_any_input_size():
     network = nnunet_mamba.create_network("umamba_enc", **small_plan(2, input_size=(16, 16)), channel_tokens=False)
-    layers = [m for m in network.encoder.mamba_layers if type(m).__name__ == "MambaLayer"]
+    layers = [m for m in network.encoder.mamba_layers if isinstance(m, MambaLayer)]
     assert len(layers) == 2 and not any(m.channel_token for m in layers) and layers[1].dim == 32
     assert [tuple(o.shape[2:]) for o in network(torch.randn(1, 2, 24, 32))][0] == (24, 32)  # not fixed to 16x16
 
